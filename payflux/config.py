@@ -1,0 +1,383 @@
+"""
+Settings for a PayFlux node.
+
+Precedence, lowest to highest: built-in defaults < TOML config file (``--config``) <
+``PAYFLUX_<NAME>`` environment variables < command-line options.  Every option has the same
+name in all four places (``--max-body-bytes``, ``PAYFLUX_MAX_BODY_BYTES``, ``max_body_bytes``).
+
+Validation happens here, once, and fails with :class:`ConfigError` naming the option and the
+accepted values.  Secrets (API keys, Redis passwords) are never echoed back in errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Callable, Iterable, Mapping
+
+import attrs
+
+
+class ConfigError(Exception):
+    """An option has an invalid value; ``str()`` is one line meant for the operator."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(option, message)
+        self.option = option
+        self.message = message
+
+    def __str__(self) -> str:
+        env = "PAYFLUX_" + self.option.upper()
+        flag = "--" + self.option.replace("_", "-")
+        return f"invalid {flag} ({env} / {self.option} in the config file): {self.message}"
+
+
+@attrs.frozen(repr=False)
+class ApiKey:
+    """One producer credential. ``key_id`` appears in logs and metrics; the secret never does."""
+
+    key_id: str
+    secret: bytes
+
+    def __repr__(self) -> str:
+        return f"ApiKey(key_id={self.key_id!r}, secret=<redacted>)"
+
+
+# --- value parsers: each takes a str (CLI/env) or a TOML value and returns the typed value ---
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, (bool, float)):
+            raise ValueError(f"must be an integer from {lo} to {hi}, got {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be an integer from {lo} to {hi}, got {value!r}") from None
+        if not lo <= number <= hi:
+            raise ValueError(f"must be an integer from {lo} to {hi}, got {number}")
+        return number
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number from {lo:g} to {hi:g}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number from {lo:g} to {hi:g}, got {value!r}") from None
+        if not lo <= number <= hi or number != number:
+            raise ValueError(f"must be a number from {lo:g} to {hi:g}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional_str(value: Any) -> str | None:
+    text = _str(value).strip()
+    return text or None
+
+
+def _endpoint(value: Any) -> str:
+    text = _str(value).strip()
+    if not text:
+        raise ValueError("must be a Twisted endpoint string such as tcp:8080 or unix:/run/payflux.sock")
+    from twisted.internet.endpoints import _parseServer  # validation only, no socket
+
+    try:
+        _parseServer(text, None)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a config error
+        raise ValueError(
+            f"must be a Twisted endpoint string such as tcp:8080 or unix:/run/payflux.sock ({e})"
+        ) from None
+    return text
+
+
+def _optional_endpoint(value: Any) -> str | None:
+    text = _str(value).strip()
+    if text.lower() in ("", "none", "off"):
+        return None
+    return _endpoint(text)
+
+
+def _list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        items = [_str(v) for v in value]
+    else:
+        items = _str(value).split(",")
+    return tuple(i.strip() for i in items if i.strip())
+
+
+_ROLES = ("ingest",)
+
+
+def _roles(value: Any) -> tuple[str, ...]:
+    roles = _list(value)
+    if not roles:
+        raise ValueError(f"must name at least one role; accepted: {', '.join(_ROLES)}")
+    for role in roles:
+        if role not in _ROLES:
+            raise ValueError(f"unknown role {role!r}; accepted: {', '.join(_ROLES)}")
+    return roles
+
+
+def _redis_url(value: Any) -> str | None:
+    text = _optional_str(value)
+    if text is None:
+        return None
+    from payflux.streams.connection import parse_redis_url
+
+    try:
+        parse_redis_url(text)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+def _prefix(value: Any) -> str:
+    text = _str(value)
+    if not text or any(c in text for c in "{} \t\r\n"):
+        raise ValueError("must be non-empty without braces or whitespace")
+    return text
+
+
+@attrs.frozen
+class Option:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    secret: bool = False
+    placeholder: str = ""
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "tcp:8080", _endpoint, "HTTP ingest listener (Twisted endpoint string)."),
+    Option(
+        "metrics_listen",
+        "tcp:9464:interface=127.0.0.1",
+        _optional_endpoint,
+        "Side listener for /metrics, /health and /ready; 'none' disables it.",
+    ),
+    Option(
+        "redis_url",
+        None,
+        _redis_url,
+        "redis://[user:pass@]host:port/db, rediss://..., unix:///path.sock; unset = embedded Redis.",
+        secret=True,
+    ),
+    Option("data_dir", "payflux-data", _str, "Directory of the embedded Redis (AOF, socket)."),
+    Option("roles", ("ingest",), _roles, "Comma-separated roles of this node: ingest."),
+    Option(
+        "api_keys",
+        (),
+        _list,
+        "Comma-separated id:secret producer keys (several at once for rotation).",
+        secret=True,
+    ),
+    Option("api_keys_file", None, _optional_str, "File of id:secret lines ('#' comments)."),
+    Option("revoked_keys", (), _list, "Comma-separated key ids that are refused (401)."),
+    Option(
+        "insecure_dev_mode",
+        False,
+        _bool,
+        "Accept requests without an API key (quick start only; logged loudly).",
+    ),
+    Option("stream_prefix", "payflux", _prefix, "Prefix of every Redis key PayFlux writes."),
+    Option("partitions", 1, _int(1, 1024), "Stream partitions; partition = crc32(merchant_id_hash) % N."),
+    Option(
+        "dedupe_window",
+        86400,
+        _int(1, 30 * 86400),
+        "Seconds an event_id is remembered for idempotency.",
+    ),
+    Option("max_batch_events", 1000, _int(1, 100_000), "Most events in one batch request."),
+    Option("max_body_bytes", 4 * 1024 * 1024, _int(1024, 256 * 1024 * 1024), "Batch body cap in bytes."),
+    Option("max_event_bytes", 64 * 1024, _int(256, 16 * 1024 * 1024), "Single-event body cap in bytes."),
+    Option(
+        "future_skew",
+        300.0,
+        _float(0, 86400),
+        "Seconds occurred_at may lie in the future before an event is rejected.",
+    ),
+    Option("allow_unknown_fields", False, _bool, "Drop unknown event fields instead of rejecting."),
+    Option("rate_limit", 10_000.0, _float(0, 1e9), "Events per second per API key; 0 = unlimited."),
+    Option("rate_burst", 20_000, _int(1, 1_000_000_000), "Token-bucket size per API key, in events."),
+    Option("redis_timeout", 2.0, _float(0.05, 60), "Seconds an append may wait for Redis before 503."),
+    Option("redis_pool_size", 8, _int(1, 256), "Redis connections in the ingest pool."),
+    Option(
+        "max_inflight_events",
+        50_000,
+        _int(1, 10_000_000),
+        "Events in flight to Redis before new requests get 503.",
+    ),
+    Option("shutdown_grace", 10.0, _float(0, 600), "Seconds SIGTERM waits for in-flight appends."),
+    Option("stats_interval", 5.0, _float(0.1, 3600), "Seconds between stream-length samples."),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@attrs.frozen
+class Settings:
+    """Validated, typed settings of one node.  Build with :func:`load_settings`."""
+
+    listen: str
+    metrics_listen: str | None
+    redis_url: str | None = attrs.field(repr=False)
+    data_dir: str
+    roles: tuple[str, ...]
+    api_keys: tuple[ApiKey, ...] = attrs.field(repr=False)
+    api_keys_file: str | None
+    revoked_keys: tuple[str, ...]
+    insecure_dev_mode: bool
+    stream_prefix: str
+    partitions: int
+    dedupe_window: int
+    max_batch_events: int
+    max_body_bytes: int
+    max_event_bytes: int
+    future_skew: float
+    allow_unknown_fields: bool
+    rate_limit: float
+    rate_burst: int
+    redis_timeout: float
+    redis_pool_size: int
+    max_inflight_events: int
+    shutdown_grace: float
+    stats_interval: float
+
+
+def parse_api_keys(lines: Iterable[str], source: str) -> list[ApiKey]:
+    """Parse ``id:secret`` entries; ``source`` names where they came from, for errors."""
+    keys = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key_id, sep, secret = line.partition(":")
+        key_id, secret = key_id.strip(), secret.strip()
+        where = f"{source} entry {n}"
+        if not sep or not key_id or not secret:
+            raise ValueError(f"{where} must look like id:secret")
+        if not key_id.replace("-", "").replace("_", "").isalnum() or len(key_id) > 64:
+            raise ValueError(f"{where}: key id must be 1-64 of [A-Za-z0-9_-]")
+        if len(secret) < 16:
+            raise ValueError(f"{where} (id {key_id}): secret must be at least 16 characters")
+        if any(c.isspace() for c in secret):
+            raise ValueError(f"{where} (id {key_id}): secret must not contain whitespace")
+        keys.append(ApiKey(key_id, secret.encode("utf-8")))
+    return keys
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+    # Allow either top-level keys or a [payflux] table.
+    section = data.get("payflux", data)
+    if not isinstance(section, dict):
+        raise ConfigError("config", f"{path}: [payflux] must be a table")
+    return section
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """
+    Merge the four sources and validate.  ``cli`` maps option names (underscored) to values;
+    ``None`` values mean "not given".  ``config_path`` may also come from ``PAYFLUX_CONFIG``.
+    Raises :class:`ConfigError`.
+    """
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    config_path = config_path or env.get("PAYFLUX_CONFIG") or None
+
+    raw: dict[str, tuple[Any, str]] = {}
+    if config_path:
+        for key, value in _read_toml(config_path).items():
+            if key not in OPTIONS_BY_NAME:
+                known = ", ".join(sorted(OPTIONS_BY_NAME))
+                raise ConfigError("config", f"{config_path}: unknown key {key!r}; known keys: {known}")
+            raw[key] = (value, "file")
+    for option in OPTIONS:
+        env_name = "PAYFLUX_" + option.name.upper()
+        if env_name in env:
+            raw[option.name] = (env[env_name], "env")
+    for key, value in cli.items():
+        if key not in OPTIONS_BY_NAME:
+            raise ConfigError(key, "unknown option")
+        raw[key] = (value, "cli")
+
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.name in raw:
+            value = raw[option.name][0]
+            try:
+                values[option.name] = option.parse(value)
+            except ValueError as e:
+                message = str(e)
+                if option.secret:
+                    message = message.split(", got ")[0]
+                raise ConfigError(option.name, message) from None
+        else:
+            values[option.name] = option.default
+
+    keys: list[ApiKey] = []
+    try:
+        keys.extend(parse_api_keys(values["api_keys"], "api_keys"))
+    except ValueError as e:
+        raise ConfigError("api_keys", str(e)) from None
+    if values["api_keys_file"]:
+        path = values["api_keys_file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("api_keys_file", f"cannot read {path}: {e}") from None
+        try:
+            keys.extend(parse_api_keys(lines, path))
+        except ValueError as e:
+            raise ConfigError("api_keys_file", str(e)) from None
+    seen: set[str] = set()
+    for key in keys:
+        if key.key_id in seen:
+            raise ConfigError("api_keys", f"key id {key.key_id!r} is defined twice")
+        seen.add(key.key_id)
+    values["api_keys"] = tuple(keys)
+
+    if not keys and not values["insecure_dev_mode"]:
+        raise ConfigError(
+            "api_keys",
+            "no API keys configured; set --api-keys id:secret (or --api-keys-file), "
+            "or pass --insecure-dev-mode for a local trial without auth",
+        )
+    if values["rate_limit"] and values["rate_burst"] < 1:
+        raise ConfigError("rate_burst", "must be at least 1 when rate_limit is set")
+    return Settings(**values)

@@ -1,0 +1,339 @@
+"""
+The ingest HTTP API (Klein).
+
+Checks run in the order fixed by DESIGN.md, each answered with a JSON error:
+401 auth -> 429 per-key rate -> 413 body cap (enforced while reading, see ``http.py``) ->
+415 content type -> 400 malformed JSON -> 422 schema -> 409 idempotency conflict ->
+503 Redis unavailable / overloaded (with Retry-After) -> 202 once Redis replied to the append.
+
+A draining node (SIGTERM received) answers 503 to every new ingest request at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Callable
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from payflux.events import EventInvalid, EventValidator, MalformedJSON, canonical_json, decode_batch_body, decode_event_body, fingerprint
+from payflux.ingest.auth import Authenticator, RateLimiter
+from payflux.ingest.errors import ApiError, unavailable
+from payflux.ingest.openapi import openapi_document
+from payflux.observability.metrics import Metrics
+from payflux.streams.writer import IdempotencyConflict, PreparedEvent, RedisUnavailable, StreamWriter
+
+log = Logger()
+
+SINGLE_PATH = b"/v1/events/payment_exhaust"
+BATCH_PATH = b"/v1/events/payment_exhaust/batch"
+SMALL_BODY_LIMIT = 8192
+
+
+@attrs.frozen
+class IngestLimits:
+    max_event_bytes: int
+    max_body_bytes: int
+    max_batch_events: int
+    max_inflight_events: int
+    redis_timeout: float
+
+
+def _json(request: Request, status: int, doc: object) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+
+def _media_type(request: Request) -> str:
+    raw = request.getHeader(b"content-type") or b""
+    return raw.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+class IngestApp:
+    """The HTTP API of an ingest node; all collaborators are injected."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        *,
+        validator: EventValidator,
+        writer: StreamWriter,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        limits: IngestLimits,
+        ping: Callable[[], Deferred],
+        seconds: Callable[[], float] = time.time,
+    ):
+        self.validator = validator
+        self.writer = writer
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.metrics = metrics
+        self.limits = limits
+        self.ping = ping
+        self.seconds = seconds
+        self.draining = False
+        self.inflight_events = 0
+        self.inflight_requests = 0
+        self._idle: list[Deferred] = []
+
+    # --- plumbing used by the Site (early 413) ---
+
+    def body_limit(self, path: bytes) -> int:
+        if path == BATCH_PATH:
+            return self.limits.max_body_bytes
+        if path == SINGLE_PATH:
+            return self.limits.max_event_bytes
+        return SMALL_BODY_LIMIT
+
+    def preflight(self, request: Request) -> str:
+        """401 and 429 checks; returns the caller's key id."""
+        key_id = self.authenticator.authenticate(request.getHeader(b"authorization"), request.args)
+        self.limiter.check(key_id)
+        return key_id
+
+    def on_early_reject(self, request: Request, error: ApiError) -> None:
+        self._count_rejection(error, "-", 0)
+
+    def resource(self):
+        return self.app.resource()
+
+    # --- lifecycle ---
+
+    def start_draining(self) -> Deferred:
+        """Refuse new ingests; fire once no append is in flight."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        d = Deferred()
+        if self.inflight_requests == 0:
+            d.callback(None)
+        else:
+            self._idle.append(d)
+        return d
+
+    # --- routes ---
+
+    @app.handle_errors(ApiError)
+    def _api_error(self, request: Request, failure) -> bytes:
+        error: ApiError = failure.value
+        request.setResponseCode(error.status)
+        request.setHeader(b"Content-Type", b"application/json")
+        for name, value in error.headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        return error.body()
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: Request, failure) -> bytes:
+        return _json(request, 404, {"error": "not_found", "message": "no such endpoint"})
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: Request, failure) -> bytes:
+        allowed = ", ".join(failure.value.valid_methods or [])
+        request.setHeader(b"Allow", allowed.encode("ascii"))
+        return _json(request, 405, {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"})
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: Request, failure) -> bytes:
+        log.failure("unexpected error handling {method} {path}", failure, method=request.method, path=request.path)
+        return _json(request, 500, {"error": "internal", "message": "internal error; see the server log"})
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Request) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/ready", methods=["GET"])
+    async def ready(self, request: Request) -> bytes:
+        if self.draining:
+            request.setHeader(b"Retry-After", b"5")
+            return _json(request, 503, {"status": "draining"})
+        try:
+            await self.ping()
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            request.setHeader(b"Retry-After", b"1")
+            return _json(request, 503, {"status": "redis_unavailable", "message": _reason(e)})
+        return _json(request, 200, {"status": "ready"})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_route(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", self.metrics.content_type.encode("ascii"))
+        return self.metrics.render()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        return _json(request, 200, openapi_document(self.limits))
+
+    @app.route("/v1/events/payment_exhaust", methods=["POST"])
+    def single(self, request: Request):
+        return self._ingest(request, batch=False)
+
+    @app.route("/v1/events/payment_exhaust/batch", methods=["POST"])
+    def batch(self, request: Request):
+        return self._ingest(request, batch=True)
+
+    # --- the ingest path ---
+
+    def _ingest(self, request: Request, batch: bool):
+        started = self.seconds()
+        endpoint = "batch" if batch else "single"
+        key_id = "-"
+        events = 0
+        try:
+            if self.draining:
+                raise unavailable("draining", "node is shutting down; retry on another node", 1)
+            key_id = self.preflight(request)
+            raw = self._decode(request, batch)
+            events = len(raw)
+            self.limiter.spend(key_id, events)
+            prepared = self._validate(raw, batch)
+        except ApiError as error:
+            self._count_rejection(error, key_id, events)
+            self._observe(endpoint, error.status, started)
+            raise
+        return ensureDeferred(self._append(request, key_id, prepared, batch, endpoint, started))
+
+    def _decode(self, request: Request, batch: bool) -> list:
+        media = _media_type(request)
+        body = request.content.read()
+        if batch:
+            if media in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
+                kind = "ndjson"
+            elif media == "application/json":
+                kind = "array"
+            else:
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    "batch Content-Type must be application/x-ndjson or application/json (array)",
+                )
+            try:
+                items = decode_batch_body(body, kind)
+            except MalformedJSON as e:
+                raise ApiError(400, "malformed_json", str(e), details=_line_detail(e)) from None
+            if not items:
+                raise ApiError(422, "invalid_event", "batch holds no events")
+            if len(items) > self.limits.max_batch_events:
+                raise ApiError(
+                    422,
+                    "too_many_events",
+                    f"batch holds {len(items)} events; the limit is {self.limits.max_batch_events}",
+                )
+            return items
+        if media != "application/json":
+            raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+        try:
+            return [decode_event_body(body)]
+        except MalformedJSON as e:
+            raise ApiError(400, "malformed_json", str(e)) from None
+
+    def _validate(self, items: list, batch: bool) -> list[PreparedEvent]:
+        prepared = []
+        details = []
+        for n, item in enumerate(items, 1):
+            try:
+                event = self.validator.validate(item)
+            except EventInvalid as e:
+                for d in e.details:
+                    details.append({"line": n, **d} if batch else d)
+                continue
+            canonical = canonical_json(event)
+            prepared.append(
+                PreparedEvent(
+                    event_id=event["event_id"],
+                    merchant_id_hash=event["merchant_id_hash"],
+                    event_type=event["event_type"],
+                    canonical=canonical,
+                    fingerprint=fingerprint(canonical),
+                )
+            )
+        if details:
+            bad = len({d.get("line") for d in details}) if batch else 1
+            message = f"{bad} of {len(items)} events are invalid; nothing was written" if batch else "invalid event"
+            raise ApiError(422, "invalid_event", message, details=details)
+        return prepared
+
+    async def _append(self, request, key_id, prepared, batch, endpoint, started) -> bytes:
+        count = len(prepared)
+        if self.inflight_events + count > self.limits.max_inflight_events:
+            error = unavailable("overloaded", "too many events in flight to Redis; retry shortly", 1)
+            self._count_rejection(error, key_id, count)
+            self._observe(endpoint, 503, started)
+            raise error
+        self.inflight_events += count
+        self.inflight_requests += 1
+        self.metrics.inflight_events.set(self.inflight_events)
+        self.metrics.inflight_requests.set(self.inflight_requests)
+        append_started = self.seconds()
+        try:
+            results = await self.writer.append(prepared, int(self.seconds() * 1000))
+        except IdempotencyConflict as e:
+            error = ApiError(
+                409,
+                "conflict",
+                "event_id already used for a different payload",
+                details=[{"field": "event_id", "code": "conflict", "event_id": i} for i in e.event_ids],
+            )
+            self._count_rejection(error, key_id, count)
+            self._observe(endpoint, 409, started)
+            raise error from None
+        except RedisUnavailable as e:
+            log.warn("append failed, answering 503: {reason}", reason=str(e), key_id=key_id)
+            error = unavailable(
+                "redis_unavailable", "event store unavailable; nothing was written", max(1, math.ceil(self.limits.redis_timeout))
+            )
+            self._count_rejection(error, key_id, count)
+            self._observe(endpoint, 503, started)
+            raise error from None
+        finally:
+            self.metrics.append_latency.observe(self.seconds() - append_started)
+            self.inflight_events -= count
+            self.inflight_requests -= 1
+            self.metrics.inflight_events.set(self.inflight_events)
+            self.metrics.inflight_requests.set(self.inflight_requests)
+            if self.inflight_requests == 0 and self._idle:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+
+        duplicates = sum(1 for r in results if r.duplicate)
+        self.metrics.events_accepted.labels(key_id).inc(count - duplicates)
+        if duplicates:
+            self.metrics.events_duplicate.labels(key_id).inc(duplicates)
+        self._observe(endpoint, 202, started)
+        if batch:
+            doc = {
+                "status": "accepted",
+                "count": count,
+                "accepted": count - duplicates,
+                "duplicates": duplicates,
+                "results": [{"id": r.stream_id, "duplicate": r.duplicate} for r in results],
+            }
+        else:
+            doc = {"status": "accepted", "id": results[0].stream_id, "duplicate": results[0].duplicate}
+        return _json(request, 202, doc)
+
+    def _count_rejection(self, error: ApiError, key_id: str, events: int) -> None:
+        self.metrics.requests_rejected.labels(error.code, key_id).inc()
+        if events:
+            self.metrics.events_rejected.labels(error.code, key_id).inc(events)
+
+    def _observe(self, endpoint: str, status: int, started: float) -> None:
+        self.metrics.request_latency.labels(endpoint, str(status)).observe(self.seconds() - started)
+
+
+def _line_detail(e: MalformedJSON) -> list:
+    line = getattr(e, "line", None)
+    return [{"line": line, "code": "malformed_json", "message": str(e)}] if line else []
+
+
+def _reason(e: Exception) -> str:
+    return str(e) or type(e).__name__

@@ -1,0 +1,208 @@
+"""
+Assembles one PayFlux node: a MultiService holding, in start order,
+
+1. the embedded redis-server (only when no ``redis_url`` is set),
+2. the Redis connection pool (connects once that Redis answers),
+3. the metrics side listener and the HTTP ingest listener,
+4. the drain guard (on stop: /ready and new ingests turn 503, in-flight appends finish),
+5. the stream sampler (XLEN per partition and a Redis probe, every ``stats_interval``).
+
+MultiService stops children in reverse order, so on SIGTERM the node first drains, then closes
+its listeners, then its Redis connections, and stops the embedded Redis last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from payflux.config import Settings
+from payflux.events import EventValidator, ValidationPolicy
+from payflux.ingest.app import IngestApp, IngestLimits
+from payflux.ingest.auth import Authenticator, RateLimiter
+from payflux.ingest.http import IngestSite
+from payflux.ingest.side import SideApp
+from payflux.observability.metrics import Metrics
+from payflux.streams.connection import RedisTarget, connect, parse_redis_url
+from payflux.streams.embedded import EmbeddedRedis
+from payflux.streams.keys import StreamKeys
+from payflux.streams.writer import StreamWriter
+
+log = Logger()
+
+
+class RedisPool(Service):
+    """
+    The node's txredisapi pool, connected once its Redis is known to answer.
+
+    Until then (and after stop) command methods raise ``txredisapi.ConnectionError`` at once, so
+    callers answer 503 instead of waiting.  ``ready`` is a Deferred yielding the Redis URL
+    (the embedded Redis's socket URL, or the configured one).
+    """
+
+    def __init__(self, target_source, poolsize: int, reply_timeout: float, connect_timeout: float):
+        self._target_source = target_source
+        self._poolsize = poolsize
+        self._reply_timeout = reply_timeout
+        self._connect_timeout = connect_timeout
+        self.handler: Any = None
+        self.target: RedisTarget | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._target_source()
+        d.addCallback(self._connect)
+        d.addErrback(lambda f: log.failure("Redis is not available; ingest answers 503", f))
+
+    def _connect(self, url: str) -> None:
+        if not self.running:
+            return
+        self.target = parse_redis_url(url)
+        log.info("using Redis at {redis}", redis=self.target.redacted())
+        self.handler = connect(self.target, self._poolsize, self._connect_timeout, self._reply_timeout)
+
+    def stopService(self):
+        super().stopService()
+        handler, self.handler = self.handler, None
+        if handler is None:
+            return succeed(None)
+        return handler.disconnect()
+
+    def __getattr__(self, name: str):
+        handler = self.__dict__.get("handler")
+        if handler is None:
+            def not_connected(*args, **kwargs):
+                raise txredisapi.ConnectionError("Redis connection not established")
+
+            return not_connected
+        return getattr(handler, name)
+
+
+class DrainGuard(Service):
+    """On stop, makes the app refuse new ingests and waits for in-flight appends (bounded)."""
+
+    def __init__(self, app: IngestApp, grace: float, reactor):
+        self._app = app
+        self._grace = grace
+        self._reactor = reactor
+
+    def stopService(self):
+        super().stopService()
+        log.info("draining: refusing new ingests, waiting up to {grace}s for {inflight} in-flight requests",
+                 grace=self._grace, inflight=self._app.inflight_requests)
+        d = self._app.start_draining()
+        d.addTimeout(self._grace, self._reactor)
+        d.addErrback(lambda f: log.warn("grace period over with {n} requests in flight", n=self._app.inflight_requests))
+        return d
+
+
+def _sampler(pool: RedisPool, keys: StreamKeys, partitions: int, metrics: Metrics, timeout: float, reactor):
+    @inlineCallbacks
+    def sample():
+        try:
+            d = pool.execute_command("PING")
+            d.addTimeout(timeout, reactor)
+            yield d
+            for p in range(partitions):
+                d = pool.execute_command("XLEN", keys.events(p))
+                d.addTimeout(timeout, reactor)
+                metrics.stream_length.labels(str(p)).set((yield d))
+            metrics.redis_up.set(1)
+        except Exception as e:  # noqa: BLE001 - a failed probe is a metric, not a crash
+            metrics.redis_up.set(0)
+            log.debug("stream sample failed: {reason}", reason=str(e) or type(e).__name__)
+
+    return sample
+
+
+def _listener(reactor, description: str, factory) -> StreamServerEndpointService:
+    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    # Fail the start (twistd exits non-zero) when the port can't be bound, instead of running
+    # a node that listens nowhere.
+    service._raiseSynchronously = True
+    return service
+
+
+def build_node(settings: Settings, reactor) -> MultiService:
+    node = MultiService()
+    metrics = Metrics()
+
+    if settings.redis_url:
+        url = settings.redis_url
+
+        def target_source() -> Deferred:
+            return succeed(url)
+    else:
+        embedded = EmbeddedRedis(settings.data_dir, reactor=reactor)
+        embedded.setServiceParent(node)
+
+        def target_source() -> Deferred:
+            return embedded.whenReady().addCallback(lambda _: embedded.url)
+
+    pool = RedisPool(
+        target_source,
+        poolsize=settings.redis_pool_size,
+        reply_timeout=max(settings.redis_timeout, 1.0),
+        connect_timeout=settings.redis_timeout,
+    )
+    pool.setServiceParent(node)
+
+    keys = StreamKeys(settings.stream_prefix)
+    writer = StreamWriter(
+        pool,
+        keys,
+        partitions=settings.partitions,
+        dedupe_window_seconds=settings.dedupe_window,
+        timeout=settings.redis_timeout,
+        reactor=reactor,
+    )
+
+    def ping() -> Deferred:
+        d = pool.execute_command("PING")
+        return d.addTimeout(settings.redis_timeout, reactor)
+
+    if settings.insecure_dev_mode:
+        log.warn("INSECURE DEV MODE: requests without an API key are accepted (key id 'dev')")
+    app = IngestApp(
+        validator=EventValidator(
+            ValidationPolicy(settings.future_skew, settings.allow_unknown_fields), now=reactor.seconds
+        ),
+        writer=writer,
+        authenticator=Authenticator(settings.api_keys, settings.revoked_keys, settings.insecure_dev_mode),
+        limiter=RateLimiter(settings.rate_limit, settings.rate_burst, reactor.seconds),
+        metrics=metrics,
+        limits=IngestLimits(
+            max_event_bytes=settings.max_event_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            max_batch_events=settings.max_batch_events,
+            max_inflight_events=settings.max_inflight_events,
+            redis_timeout=settings.redis_timeout,
+        ),
+        ping=ping,
+        seconds=reactor.seconds,
+    )
+
+    if settings.metrics_listen:
+        side = SideApp(app)
+        _listener(reactor, settings.metrics_listen, side.site()).setServiceParent(node)
+    site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject)
+    _listener(reactor, settings.listen, site).setServiceParent(node)
+    DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
+
+    sampler = TimerService(
+        settings.stats_interval,
+        _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor),
+    )
+    sampler.clock = reactor
+    sampler.setServiceParent(node)
+
+    node.app = app  # for tests and tools: the wired app
+    node.metrics = metrics
+    node.pool = pool
+    return node
