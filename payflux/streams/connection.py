@@ -1,0 +1,208 @@
+"""
+Redis URLs and connection pools.
+
+``parse_redis_url`` accepts exactly these forms (anything else is a
+``ValueError`` with a one-line message suitable for "invalid config" output):
+
+- ``redis://[[user]:password@]host[:port][/db]``   plain TCP, port 6379 by default
+- ``rediss://[[user]:password@]host[:port][/db][?ca_file=/path.pem]``
+  TLS with certificate and hostname verification against the platform trust
+  store, or against ``ca_file`` when given
+- ``unix:///path/to.sock[?db=N&password=...&username=...]``
+
+User names and passwords may be percent-encoded. The password never appears
+in ``repr``/``str`` of a RedisTarget; log ``target.redacted()``.
+
+``connect`` builds a lazy, reconnecting txredisapi pool.  Note: while Redis is
+down, a txredisapi handler waits *forever* for a pooled connection; callers
+on a request path must bound their own operations (StreamWriter does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+import txredisapi
+
+DEFAULT_PORT = 6379
+
+
+@attrs.frozen
+class RedisTarget:
+    """Where and how to connect; ``password`` is kept out of repr/str."""
+
+    scheme: str  # "redis", "rediss" or "unix"
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    ca_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "rediss"
+
+    def redacted(self) -> str:
+        """The target as a URL with the password replaced by ``***`` (for logs)."""
+        if self.scheme == "unix":
+            params = [f"db={self.db}"]
+            if self.username:
+                params.append(f"username={self.username}")
+            if self.password is not None:
+                params.append("password=***")
+            return f"unix://{self.path}?{'&'.join(params)}"
+        auth = ""
+        if self.password is not None:
+            auth = f"{self.username or ''}:***@"
+        elif self.username:
+            auth = f"{self.username}@"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        extra = f"?ca_file={self.ca_file}" if self.ca_file else ""
+        return f"{self.scheme}://{auth}{host}:{self.port}/{self.db}{extra}"
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+def _parse_db(raw: str, url_for_error: str) -> int:
+    if not raw.isdigit():
+        raise ValueError(f"invalid Redis URL {url_for_error}: database must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _single(query: dict[str, list[str]], name: str, url_for_error: str) -> str | None:
+    values = query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError(f"invalid Redis URL {url_for_error}: {name} given more than once")
+    return values[0]
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse a Redis URL (see module docstring) or raise ValueError naming the problem."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("invalid Redis URL: empty")
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as e:
+        raise ValueError(f"invalid Redis URL: {e}") from None
+    scheme = parts.scheme.lower()
+    # what we show in errors: never the password
+    shown = f"{scheme}://{parts.hostname or ''}{parts.path}" if scheme else "(no scheme)"
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError(f"invalid Redis URL {shown}: malformed query string") from None
+    if parts.fragment:
+        raise ValueError(f"invalid Redis URL {shown}: unexpected fragment")
+
+    if scheme == "unix":
+        if parts.netloc:
+            raise ValueError(f"invalid Redis URL {shown}: use unix:///absolute/path.sock (three slashes)")
+        if not parts.path.startswith("/") or parts.path == "/":
+            raise ValueError(f"invalid Redis URL {shown}: unix socket path must be absolute")
+        unknown = set(query) - {"db", "password", "username"}
+        if unknown:
+            raise ValueError(f"invalid Redis URL {shown}: unknown parameter(s) {', '.join(sorted(unknown))}")
+        db_raw = _single(query, "db", shown)
+        return RedisTarget(
+            scheme="unix",
+            path=unquote(parts.path),
+            db=_parse_db(db_raw, shown) if db_raw is not None else 0,
+            username=_single(query, "username", shown) or None,
+            password=_single(query, "password", shown),
+        )
+
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(f"invalid Redis URL {shown}: scheme must be redis://, rediss:// or unix://")
+    if not parts.hostname:
+        raise ValueError(f"invalid Redis URL {shown}: missing host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid Redis URL {shown}: port must be an integer in 1-65535") from None
+    if port is None:
+        if parts.netloc.rsplit("@", 1)[-1].endswith(":"):
+            raise ValueError(f"invalid Redis URL {shown}: empty port")
+        port = DEFAULT_PORT
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid Redis URL {shown}: port must be an integer in 1-65535")
+    path = parts.path.strip("/")
+    if "/" in path:
+        raise ValueError(f"invalid Redis URL {shown}: path must be /<db>")
+    db = _parse_db(path, shown) if path else 0
+    allowed = {"ca_file"} if scheme == "rediss" else set()
+    unknown = set(query) - allowed
+    if unknown:
+        raise ValueError(f"invalid Redis URL {shown}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return RedisTarget(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port,
+        db=db,
+        username=username,
+        password=password,
+        ca_file=_single(query, "ca_file", shown),
+    )
+
+
+def tls_options(target: RedisTarget) -> Any:
+    """A verifying TLS client connection creator for a rediss:// target."""
+    from twisted.internet import ssl
+
+    trust_root = None
+    if target.ca_file:
+        with open(target.ca_file, "rb") as f:
+            trust_root = ssl.Certificate.loadPEM(f.read())
+    assert target.host is not None
+    return ssl.optionsForClientTLS(target.host, trustRoot=trust_root)
+
+
+def connect(
+    target: RedisTarget,
+    poolsize: int,
+    connect_timeout: float,
+    reply_timeout: float | None,
+    max_retry_delay: float = 2.0,
+) -> Any:
+    """
+    A lazy txredisapi pool handler for ``target``, reconnecting forever.
+
+    ``convertNumbers`` is off: bulk replies are ``str`` (utf-8), never guessed
+    into ints (an all-digit event id stays a string).  Reconnect backoff is
+    capped at ``max_retry_delay`` seconds so the gateway is back soon after
+    Redis is.  Close with ``handler.disconnect()``.
+    """
+    common: dict[str, Any] = dict(
+        dbid=target.db or None,
+        poolsize=poolsize,
+        reconnect=True,
+        password=target.password,
+        username=target.username,
+        connectTimeout=connect_timeout,
+        replyTimeout=reply_timeout,
+        convertNumbers=False,
+    )
+    if target.scheme == "unix":
+        handler = txredisapi.lazyUnixConnectionPool(path=target.path, **common)
+    else:
+        handler = txredisapi.lazyConnectionPool(
+            host=target.host,
+            port=target.port,
+            ssl_context_factory=tls_options(target) if target.tls else False,
+            **common,
+        )
+    # RedisFactory's default backoff grows to 10 s; a payment gateway wants
+    # to notice a restarted Redis within a couple of seconds.
+    factory = getattr(handler, "_factory", None)
+    if factory is not None:
+        factory.maxDelay = max_retry_delay
+        factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
+    return handler

@@ -1,0 +1,72 @@
+"""
+Redis key naming for PayFlux streams (part of the stream-format contract, v1).
+
+Every key of a partition carries the hash tag ``{p}`` so the stream, its dedupe
+keys and its dead-letter stream share one Redis Cluster slot and can be used
+together in one Lua call::
+
+    <prefix>:{<p>}:events              the partition's event stream
+    <prefix>:{<p>}:dlq                 the partition's dead-letter stream
+    <prefix>:{<p>}:seen:<event_id>     dedupe record "<fingerprint> <stream id>"
+
+``partition_for`` is the documented, stable partition function; changing it
+would reorder a merchant's events across partitions, so it never changes
+within stream-format v1.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import attrs
+
+_BAD_PREFIX = re.compile(r"[{}\s]")
+
+
+def _check_prefix(instance: object, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError("stream key prefix must be a non-empty string")
+    if _BAD_PREFIX.search(value):
+        raise ValueError(f"stream key prefix {value!r} must not contain '{{', '}}' or whitespace")
+
+
+@attrs.frozen
+class StreamKeys:
+    """Key names for one PayFlux deployment (``prefix`` separates deployments)."""
+
+    prefix: str = attrs.field(default="payflux", validator=_check_prefix)
+
+    def _base(self, p: int) -> str:
+        if not isinstance(p, int) or p < 0:
+            raise ValueError(f"partition must be a non-negative integer, not {p!r}")
+        return f"{self.prefix}:{{{p}}}"
+
+    def events(self, p: int) -> str:
+        """The event stream of partition ``p``: ``<prefix>:{p}:events``."""
+        return f"{self._base(p)}:events"
+
+    def dlq(self, p: int) -> str:
+        """The dead-letter stream of partition ``p``: ``<prefix>:{p}:dlq``."""
+        return f"{self._base(p)}:dlq"
+
+    def seen(self, p: int, event_id: str) -> str:
+        """The dedupe key of ``event_id`` in partition ``p``: ``<prefix>:{p}:seen:<event_id>``."""
+        return f"{self._base(p)}:seen:{event_id}"
+
+
+def partition_for(merchant_id_hash: str, partitions: int) -> int:
+    """
+    The partition of a merchant: ``zlib.crc32(merchant_id_hash.encode("utf-8")) % partitions``.
+
+    CRC-32 (IEEE 802.3, as zlib and most languages compute it, unsigned) is
+    stable across processes and Python versions (unlike ``hash()``), so every
+    node and every consumer agrees on where a merchant's events live, and a
+    merchant's events stay in one ordered stream.  ``partitions == 1`` always
+    gives 0.
+    """
+    if not isinstance(partitions, int) or partitions < 1:
+        raise ValueError(f"partitions must be a positive integer, not {partitions!r}")
+    if partitions == 1:
+        return 0
+    return zlib.crc32(merchant_id_hash.encode("utf-8")) % partitions
