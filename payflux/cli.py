@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from datetime import datetime, timezone
 from typing import Sequence
 
@@ -25,12 +25,12 @@ from twisted.python import usage
 def sample_event(n: int = 0, **overrides) -> dict:
     """A valid payment_exhaust event; ``overrides`` replace fields (None removes one)."""
     event = {
-        "event_id": f"evt_{uuid.uuid4().hex}",
+        "event_id": f"evt_{secrets.token_urlsafe(12)}",
         "event_type": "payment_failed",
         "occurred_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "processor": "stripe",
         "merchant_id_hash": f"m_{n % 50:04d}_5f2b9c1e",
-        "payment_intent_id_hash": uuid.uuid4().hex,
+        "payment_intent_id_hash": secrets.token_urlsafe(16),
         "amount_bucket": "10-50",
         "currency": "USD",
         "payment_method": "card",

@@ -30,7 +30,6 @@ from payflux.ingest.http import IngestSite
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
 from payflux.streams.connection import RedisTarget, connect, parse_redis_url
-from payflux.streams.embedded import EmbeddedRedis
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import StreamWriter
 
@@ -77,6 +76,9 @@ class RedisPool(Service):
     def __getattr__(self, name: str):
         handler = self.__dict__.get("handler")
         if handler is None:
+            if name.startswith("_"):
+                raise AttributeError(name)
+
             def not_connected(*args, **kwargs):
                 raise txredisapi.ConnectionError("Redis connection not established")
 
@@ -139,6 +141,8 @@ def build_node(settings: Settings, reactor) -> MultiService:
         def target_source() -> Deferred:
             return succeed(url)
     else:
+        from payflux.streams.embedded import EmbeddedRedis
+
         embedded = EmbeddedRedis(settings.data_dir, reactor=reactor)
         embedded.setServiceParent(node)
 
@@ -188,11 +192,14 @@ def build_node(settings: Settings, reactor) -> MultiService:
         seconds=reactor.seconds,
     )
 
+    node.side_listener = None
     if settings.metrics_listen:
         side = SideApp(app)
-        _listener(reactor, settings.metrics_listen, side.site()).setServiceParent(node)
+        node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
+        node.side_listener.setServiceParent(node)
     site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject)
-    _listener(reactor, settings.listen, site).setServiceParent(node)
+    node.ingest_listener = _listener(reactor, settings.listen, site)
+    node.ingest_listener.setServiceParent(node)
     DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
 
     sampler = TimerService(

@@ -20,6 +20,14 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _show_default(option) -> str:
+    if option.secret or option.default in (None, ()):
+        return "unset"
+    if isinstance(option.default, tuple):
+        return ",".join(option.default)
+    return str(option.default)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -27,7 +35,7 @@ class Options(usage.Options):
         "or as <name> in the TOML file given with --config; the command line wins."
     )
     optParameters = [["config", "c", None, "TOML config file (also PAYFLUX_CONFIG)."]] + [
-        [_flag(o.name), None, None, f"{o.help} [default: {o.default if not o.secret else 'unset'}]"]
+        [_flag(o.name), None, None, f"{o.help} [default: {_show_default(o)}]"]
         for o in OPTIONS
         if o.parse.__name__ != "_bool"
     ]
