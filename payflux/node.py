@@ -30,6 +30,7 @@ from payflux.ingest.http import IngestSite
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
 from payflux.streams.connection import RedisTarget, connect, parse_redis_url
+from payflux.streams.embedded import EmbeddedRedis
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import StreamWriter
 
@@ -141,8 +142,6 @@ def build_node(settings: Settings, reactor) -> MultiService:
         def target_source() -> Deferred:
             return succeed(url)
     else:
-        from payflux.streams.embedded import EmbeddedRedis
-
         embedded = EmbeddedRedis(settings.data_dir, reactor=reactor)
         embedded.setServiceParent(node)
 

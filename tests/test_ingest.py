@@ -312,6 +312,30 @@ class IngestMixin:
         ready = yield node.get("/ready", side=True)
         self.assertEqual(ready.code, 503)
 
+    @inlineCallbacks
+    def test_stop_finishes_inflight_appends_and_refuses_new_ones(self):
+        node = yield self.node(redis_timeout="5")
+        response = yield node.post(SINGLE, sample_event())  # connection up, script loaded
+        self.assertEqual(response.code, 202)
+        self.redis.pause()
+        self.addCleanup(self.redis.resume)
+        pending = node.post(SINGLE, sample_event())
+        for _ in range(50):
+            if node.app.inflight_requests:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(node.app.inflight_requests, 1)
+        stopping = node.node.stopService()
+        late = yield node.post(SINGLE, sample_event())
+        self.assertEqual(late.code, 503)
+        self.assertEqual((yield read_json(late))["error"], "draining")
+        self.assertFalse(stopping.called)
+        self.redis.resume()
+        response = yield pending
+        self.assertEqual(response.code, 202)
+        yield stopping
+        self.assertEqual(self.xlen(), 2)
+
     # --- operations endpoints ---
 
     @inlineCallbacks

@@ -1,0 +1,158 @@
+"""Settings: precedence, validation, and the one-line errors operators see."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support.process import TWISTD
+
+from payflux.config import OPTIONS, ConfigError, load_settings
+
+KEYS = "a:0123456789abcdef0123"
+
+
+def _file(testcase, text: str, suffix: str = ".toml") -> str:
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    testcase.addCleanup(os.unlink, path)
+    return path
+
+
+class PrecedenceTests(SynchronousTestCase):
+    def test_defaults(self):
+        s = load_settings({"api_keys": KEYS}, env={})
+        self.assertEqual(s.listen, "tcp:8080")
+        self.assertEqual(s.partitions, 1)
+        self.assertIsNone(s.redis_url)
+        self.assertEqual([k.key_id for k in s.api_keys], ["a"])
+
+    def test_file_then_env_then_cli(self):
+        path = _file(self, 'partitions = 2\nmax_batch_events = 10\nlisten = "tcp:9000"\napi_keys = ["f:fileeeeeeeeeeeeeeeeee"]\n')
+        env = {"PAYFLUX_PARTITIONS": "3", "PAYFLUX_MAX_BATCH_EVENTS": "20"}
+        s = load_settings({"max_batch_events": "30"}, env=env, config_path=path)
+        self.assertEqual(s.listen, "tcp:9000")  # file
+        self.assertEqual(s.partitions, 3)  # env beats file
+        self.assertEqual(s.max_batch_events, 30)  # cli beats env
+        self.assertEqual([k.key_id for k in s.api_keys], ["f"])
+
+    def test_config_path_from_env_and_payflux_table(self):
+        path = _file(self, "[payflux]\npartitions = 4\ninsecure_dev_mode = true\n")
+        s = load_settings({}, env={"PAYFLUX_CONFIG": path})
+        self.assertEqual(s.partitions, 4)
+        self.assertTrue(s.insecure_dev_mode)
+
+    def test_api_keys_file_and_rotation(self):
+        path = _file(self, "# producers\nold:oldsecret-0123456789\nnew:newsecret-0123456789\n", ".keys")
+        s = load_settings({"api_keys_file": path, "revoked_keys": "old"}, env={})
+        self.assertEqual([k.key_id for k in s.api_keys], ["old", "new"])
+        self.assertEqual(s.revoked_keys, ("old",))
+
+    def test_secrets_not_in_repr(self):
+        s = load_settings({"api_keys": KEYS, "redis_url": "redis://:hunter2-pass@h:6380/0"}, env={})
+        self.assertNotIn("0123456789abcdef0123", repr(s))
+        self.assertNotIn("hunter2", repr(s))
+
+    def test_every_option_has_help_and_parses_its_default(self):
+        for option in OPTIONS:
+            self.assertTrue(option.help, option.name)
+            if option.default is not None:
+                self.assertEqual(option.parse(option.default), option.default, option.name)
+
+
+class ErrorTests(SynchronousTestCase):
+    def assertConfigError(self, option, cli=None, env=None, path=None, contains=""):
+        with self.assertRaises(ConfigError) as cm:
+            load_settings({"api_keys": KEYS, **(cli or {})}, env=env or {}, config_path=path)
+        self.assertEqual(cm.exception.option, option)
+        text = str(cm.exception)
+        self.assertIn("--" + option.replace("_", "-"), text)
+        self.assertIn("PAYFLUX_" + option.upper(), text)
+        self.assertIn(contains, text)
+        self.assertNotIn("\n", text)
+        return text
+
+    def test_bad_values_name_the_option_and_accepted_values(self):
+        self.assertConfigError("partitions", {"partitions": "0"}, contains="from 1 to 1024")
+        self.assertConfigError("partitions", env={"PAYFLUX_PARTITIONS": "two"}, contains="integer")
+        self.assertConfigError("redis_timeout", {"redis_timeout": "fast"}, contains="number")
+        self.assertConfigError("listen", {"listen": "bogus:1"}, contains="endpoint")
+        self.assertConfigError("roles", {"roles": "ingest,dance"}, contains="accepted: ingest")
+        self.assertConfigError("allow_unknown_fields", {"allow_unknown_fields": "maybe"}, contains="true or false")
+        self.assertConfigError("stream_prefix", {"stream_prefix": "a{b}"}, contains="braces")
+
+    def test_toml_types_are_checked(self):
+        path = _file(self, "partitions = 1.5\n")
+        self.assertConfigError("partitions", path=path, contains="integer")
+        path = _file(self, "partitions = true\n")
+        self.assertConfigError("partitions", path=path)
+
+    def test_redis_url_error_does_not_echo_password(self):
+        text = self.assertConfigError("redis_url", {"redis_url": "http://:sekrit@host/"})
+        self.assertNotIn("sekrit", text)
+
+    def test_unknown_key_in_file(self):
+        path = _file(self, "partitons = 2\n")
+        with self.assertRaises(ConfigError) as cm:
+            load_settings({"api_keys": KEYS}, env={}, config_path=path)
+        self.assertIn("partitons", str(cm.exception))
+
+    def test_unreadable_and_invalid_files(self):
+        with self.assertRaises(ConfigError):
+            load_settings({}, env={}, config_path="/nonexistent/payflux.toml")
+        path = _file(self, "partitions = [\n")
+        with self.assertRaises(ConfigError) as cm:
+            load_settings({}, env={}, config_path=path)
+        self.assertIn("not valid TOML", str(cm.exception))
+
+    def test_no_keys_without_dev_mode_is_an_error(self):
+        with self.assertRaises(ConfigError) as cm:
+            load_settings({}, env={})
+        self.assertIn("--insecure-dev-mode", str(cm.exception))
+        load_settings({"insecure_dev_mode": True}, env={})
+
+    def test_bad_key_entries(self):
+        for keys, contains in [("nocolon", "id:secret"), ("a:short", "16"), ("a b:0123456789abcdef", "key id"),
+                               (f"{KEYS},{KEYS}", "twice")]:
+            with self.assertRaises(ConfigError) as cm:
+                load_settings({"api_keys": keys}, env={})
+            self.assertIn(contains, str(cm.exception))
+            self.assertNotIn("0123456789abcdef", str(cm.exception).replace("0123456789abcdef0123", ""))
+
+
+def _run(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+    full_env.update(env or {})
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, env=full_env)
+
+
+class CommandLineTests(SynchronousTestCase):
+    def test_twistd_help_lists_every_option(self):
+        result = _run(*TWISTD, "payflux", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in OPTIONS:
+            self.assertIn("--" + option.name.replace("_", "-"), result.stdout)
+
+    def test_twistd_invalid_option_exits_nonzero_with_one_line(self):
+        result = _run(*TWISTD, "payflux", "--partitions", "0", "--insecure-dev-mode")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertIn("--partitions", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_check_config(self):
+        result = _run(sys.executable, "-m", "payflux.cli", "check-config", "--api-keys", KEYS)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("configuration OK", result.stdout)
+        self.assertIn("ids: a", result.stdout)
+        self.assertNotIn("0123456789abcdef0123", result.stdout)
+        result = _run(sys.executable, "-m", "payflux.cli", "check-config", env={"PAYFLUX_RATE_LIMIT": "-1",
+                                                                                  "PAYFLUX_API_KEYS": KEYS})
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("PAYFLUX_RATE_LIMIT", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
