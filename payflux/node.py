@@ -37,6 +37,23 @@ from payflux.streams.writer import StreamWriter
 log = Logger()
 
 
+class Node(MultiService):
+    """
+    A MultiService that stops its children one after another, in reverse start order, each
+    waiting for the previous one: MultiService's own stopService stops them all at once, which
+    would close the listeners while in-flight appends are still draining.
+    """
+
+    @inlineCallbacks
+    def stopService(self):
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield service.stopService()
+            except Exception:  # noqa: BLE001 - one failing child must not keep the rest running
+                log.failure("error stopping {service}", service=service)
+
+
 class RedisPool(Service):
     """
     The node's txredisapi pool, connected once its Redis is known to answer.
@@ -132,8 +149,8 @@ def _listener(reactor, description: str, factory) -> StreamServerEndpointService
     return service
 
 
-def build_node(settings: Settings, reactor) -> MultiService:
-    node = MultiService()
+def build_node(settings: Settings, reactor) -> Node:
+    node = Node()
     metrics = Metrics()
 
     if settings.redis_url:
