@@ -248,6 +248,33 @@ class WriterContractMixin:
         self.assertEqual(self.xlen(), 1)
 
     @defer.inlineCallbacks
+    def test_appends_that_timed_out_are_never_sent_later(self):
+        w = self.writer(timeout=0.5)
+        yield w.append([event("e1")], 1)
+        self.server.kill()
+        yield defer.ensureDeferred(self.assert_unavailable(w.append([event("lost-conn")], 2), within=1.5))
+        # this one waits for a pooled connection when its caller gives up
+        yield defer.ensureDeferred(self.assert_unavailable(w.append([event("stale")], 3), within=1.5))
+        self.server.start()
+        yield self.retry_until_appended(w, event("e3"))
+        yield sleep(0.2)
+        self.assertEqual([f[b"event_id"] for _, f in self.entries()], [b"e3"])
+
+    @defer.inlineCallbacks
+    def test_append_abandoned_while_reconnecting_is_not_sent(self):
+        # Redis keeps running (script cached); only our connections drop, and
+        # the pool reconnects after ~0.5 s, well after this append gave up.
+        w = self.writer(timeout=0.1)
+        yield w.append([event("e1")], 1)
+        self.server.sync_command("CLIENT", "KILL", "TYPE", "normal")
+        yield sleep(0.05)
+        yield defer.ensureDeferred(self.assert_unavailable(w.append([event("stale")], 2), within=1.0))
+        w.timeout = 5.0
+        yield self.retry_until_appended(w, event("e3"))
+        yield sleep(0.2)
+        self.assertEqual([f[b"event_id"] for _, f in self.entries()], [b"e1", b"e3"])
+
+    @defer.inlineCallbacks
     def test_oom_rejects_whole_batch(self):
         w = self.writer()
         yield w.append([event("warmup")], 1)
