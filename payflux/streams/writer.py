@@ -165,8 +165,10 @@ class StreamWriter:
     """
     Appends prepared events; see ``append`` for the contract.
 
-    ``redis`` is a txredisapi handler (``payflux.streams.connection.connect``)
-    or a single connected txredisapi protocol.  ``timeout`` bounds every
+    ``redis`` is a txredisapi handler (``payflux.streams.connection.connect``),
+    an object delegating attribute access to one (``_factory`` is used to take
+    a pooled connection first, so nothing is sent after a caller gave up), or
+    a single connected txredisapi protocol.  ``timeout`` bounds every
     ``append`` as a whole: waiting for a pooled connection, EVALSHA and a
     NOSCRIPT reload.  ``max_stream_length`` (None = no cap) makes an append
     that would grow a stream past it fail with RedisUnavailable, writing
