@@ -1,0 +1,35 @@
+# PayFlux: the two commands of the README, and a few more.
+#   make run   - virtualenv + install + start a gateway on :8080 with its embedded Redis
+#   make test  - virtualenv + install test deps + run the whole trial suite
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JOBS ?= 2
+DATA_DIR ?= payflux-data
+LISTEN ?= tcp:8080
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed-%: setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$*]' --config-settings editable_mode=compat
+	@touch $@
+
+run: $(VENV)/.installed-embedded
+	@echo "PayFlux starting on $(LISTEN) (INSECURE DEV MODE: no API key needed). In another shell:"
+	@echo "  curl -i -X POST localhost:8080/v1/events/payment_exhaust -H 'Content-Type: application/json' -d @docs/sample-event.json"
+	$(VENV)/bin/twistd -n --pidfile= payflux --insecure-dev-mode --listen $(LISTEN) --data-dir $(DATA_DIR)
+
+test: $(VENV)/.installed-test
+	@rm -rf _trial_temp
+	$(PY) -m twisted.trial -j$(JOBS) tests 2>&1 | tee .test-output.txt; status=$$?; \
+	  $(PYTHON) .ci/summary.py < .test-output.txt; exit $$status
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) _trial_temp .test-output.txt build *.egg-info
