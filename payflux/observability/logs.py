@@ -37,7 +37,6 @@ def event_to_json(event: dict) -> str:
         doc[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
     failure = event.get("log_failure")
     if failure is not None:
-        doc["level"] = "critical" if doc["level"] == "info" else doc["level"]
         doc["failure"] = failure.getTraceback()
     return json.dumps(doc, default=repr)
 
