@@ -1,0 +1,414 @@
+"""The payment_exhaust event: strict JSON decoding, validation, canonical encoding, PAN guard.
+
+This is the ingest hot path.  The contract (fields, caps, error codes, canonical form, the
+false-positive rate of the PAN guard, decoder timings) is documented in docs/events.md.
+
+Nothing here ever puts an input value into an error message or detail: messages name the
+field and the rule, never what was sent, because the value may be a card number or PII.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import attrs
+
+from payflux.pan import candidate_runs_possible, contains_pan
+
+try:  # optional fast path; results are byte-identical without it (tested)
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - exercised by patching _orjson to None in tests
+    _orjson = None
+
+__all__ = [
+    "SCHEMA_VERSION", "ValidationPolicy", "EventInvalid", "MalformedJSON", "EventValidator",
+    "canonical_json", "fingerprint", "contains_pan", "decode_event_body", "decode_batch_body",
+    "MAX_DEPTH", "MAX_NUMBER_DIGITS", "FIELDS",
+]
+
+SCHEMA_VERSION = 1
+MAX_DEPTH = 32
+MAX_NUMBER_DIGITS = 100
+
+
+@attrs.frozen
+class ValidationPolicy:
+    future_skew_seconds: float = 300.0
+    allow_unknown_fields: bool = False
+
+
+class EventInvalid(Exception):
+    """details: list of {"field": str, "code": str, "message": str}; never contains input values."""
+
+    def __init__(self, details: list[dict]):
+        self.details = details
+        summary = ", ".join(f"{d['field']}: {d['code']}" for d in details)
+        super().__init__(f"invalid event ({summary})")
+
+
+class MalformedJSON(Exception):
+    """message: str (no input echoed beyond position info); line: int | None (1-based, for NDJSON/batch)"""
+
+    def __init__(self, message: str, line: int | None = None):
+        self.message = message
+        self.line = line
+        super().__init__(message if line is None else f"line {line}: {message}")
+
+
+# --- the schema ----------------------------------------------------------------------------
+
+_SLUG = r"[a-z][a-z0-9_]{0,63}"
+_HASH = r"[A-Za-z0-9_-]{8,128}"
+
+# name -> (required, regex, max length, rule text).  Regex-checked string fields only;
+# occurred_at, retry_count and processor_latency_ms have their own code below.
+_STRING_FIELDS: dict[str, tuple[bool, str, int, str]] = {
+    "event_id": (True, r"[A-Za-z0-9._:-]{1,128}", 128, "1..128 characters of [A-Za-z0-9._:-]"),
+    "event_type": (True, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
+    "processor": (True, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
+    "merchant_id_hash": (True, _HASH, 128, "a hash token: 8..128 characters of [A-Za-z0-9_-]"),
+    "payment_intent_id_hash": (True, _HASH, 128, "a hash token: 8..128 characters of [A-Za-z0-9_-]"),
+    "customer_id_hash": (False, _HASH, 128, "a hash token: 8..128 characters of [A-Za-z0-9_-]"),
+    "amount_bucket": (False, r"[A-Za-z0-9._+-]{1,32}", 32, "1..32 characters of [A-Za-z0-9._+-]"),
+    "currency": (False, r"[A-Z]{3}", 3, "an ISO 4217 code: exactly 3 uppercase letters"),
+    "payment_method": (False, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
+    "geo_bucket": (False, r"[A-Za-z0-9_:-]{1,32}", 32, "1..32 characters of [A-Za-z0-9_:-]"),
+    "failure_category": (False, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
+    "failure_code": (False, r"[A-Za-z0-9._:-]{1,64}", 64, "1..64 characters of [A-Za-z0-9._:-]"),
+}
+_INT_FIELDS = {"retry_count": (0, 1000), "processor_latency_ms": (0, 600_000)}
+FIELDS = ("event_id", "event_type", "occurred_at", "processor", "merchant_id_hash",
+          "payment_intent_id_hash", "customer_id_hash", "amount_bucket", "currency",
+          "payment_method", "geo_bucket", "failure_category", "failure_code", "retry_count",
+          "processor_latency_ms")
+_KNOWN = frozenset(FIELDS)
+_STRING_CHECKS = tuple(
+    (name, req, re.compile(rx).fullmatch, cap) for name, (req, rx, cap, _) in _STRING_FIELDS.items()
+)
+_FORMAT_MESSAGES = {name: f"must be {rule}" for name, (_, _, _, rule) in _STRING_FIELDS.items()}
+
+_TIMESTAMP = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt])[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+).fullmatch
+_TIMESTAMP_MAX = 64
+_EPOCH_2000 = 946_684_800.0
+_UTC = timezone.utc
+_SAFE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}").fullmatch
+_PAN_MESSAGE = "looks like a card number (13-19 digits passing Luhn); send hashes or buckets only"
+_ORDER = {name: i for i, name in enumerate(FIELDS)}
+
+
+def _detail(field: str, code: str, message: str) -> dict:
+    return {"field": field, "code": code, "message": message}
+
+
+def _unknown_label(index: int, key: object) -> str:
+    """An unknown key is echoed only if it is a short identifier and not a PAN."""
+    if isinstance(key, str) and _SAFE_KEY(key) is not None and not contains_pan(key):
+        return key
+    return f"<field #{index}>"
+
+
+def _strings(value: object, out: list[str]) -> list[str]:
+    """Append every string (values and keys) nested in ``value``; iterative and cycle-safe."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
+            seen.add(id(v))  # ids are stable: every container is kept alive by ``value``
+            if isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            else:
+                stack.extend(v)
+    return out
+
+
+class EventValidator:
+    """Validate decoded payment_exhaust events against the schema and a policy.
+
+    ``now`` returns the current Unix time; it is called at most once per event, and only
+    when ``occurred_at`` is well-formed (tests inject a fixed clock).
+    """
+
+    def __init__(self, policy: ValidationPolicy, now: Callable[[], float] = time.time):
+        self.policy = policy
+        self._now = now
+
+    def validate(self, obj: object) -> dict:
+        """Return the normalised event (only known fields, canonical values) or raise EventInvalid listing EVERY bad field (not just the first)."""
+        if not isinstance(obj, dict):
+            raise EventInvalid([_detail("$", "not_an_object", "the event must be a JSON object")])
+        errors: dict[str, dict] = {}
+        out: dict = {}
+        get = obj.get
+        flat = True  # no containers anywhere: the PAN pre-filter only needs the str values
+
+        for name, required, match, cap in _STRING_CHECKS:
+            v = get(name)
+            if v is None:
+                if required:
+                    errors[name] = _detail(name, "required", "is required")
+            elif type(v) is not str:
+                errors[name] = _detail(name, "type", "must be a string")
+                flat = False
+            elif match(v) is not None:
+                out[name] = v
+            elif len(v) > cap:
+                errors[name] = _detail(name, "too_long", f"must be at most {cap} characters")
+            else:
+                errors[name] = _detail(name, "format", _FORMAT_MESSAGES[name])
+
+        v = get("occurred_at")
+        if v is None:
+            errors["occurred_at"] = _detail("occurred_at", "required", "is required")
+        elif type(v) is str:
+            self._timestamp(v, out, errors)
+        else:
+            errors["occurred_at"] = _detail("occurred_at", "type", "must be an RFC 3339 timestamp string")
+            flat = False
+
+        for name, (low, high) in _INT_FIELDS.items():
+            v = get(name)
+            if v is None:
+                if name == "retry_count":
+                    out[name] = 0
+            elif type(v) is not int:
+                errors[name] = _detail(name, "type", "must be a JSON integer")
+                flat = False
+            elif low <= v <= high:
+                out[name] = v
+            else:
+                errors[name] = _detail(name, "out_of_range", f"must be between {low} and {high}")
+
+        if not _KNOWN.issuperset(obj):
+            flat = False
+            if not self.policy.allow_unknown_fields:
+                for index, key in enumerate(obj, 1):
+                    if key not in _KNOWN:
+                        label = _unknown_label(index, key)
+                        errors[label] = _detail(label, "unknown_field", "is not a field of payment_exhaust v1")
+
+        texts = [v for v in obj.values() if type(v) is str] if flat else _strings(obj, [])
+        if texts and candidate_runs_possible("\x00".join(texts)):
+            for index, (key, value) in enumerate(obj.items(), 1):
+                if any(map(contains_pan, _strings(value, [key] if isinstance(key, str) else []))):
+                    label = key if key in _KNOWN else _unknown_label(index, key)
+                    errors[label] = _detail(label, "pan_detected", _PAN_MESSAGE)
+        if errors:
+            raise EventInvalid(sorted(errors.values(), key=lambda d: _ORDER.get(d["field"], 99)))
+        return out
+
+    def _timestamp(self, v: str, out: dict, errors: dict) -> None:
+        m = _TIMESTAMP(v)
+        if m is None:
+            if len(v) > _TIMESTAMP_MAX:
+                errors["occurred_at"] = _detail("occurred_at", "too_long", f"must be at most {_TIMESTAMP_MAX} characters")
+            else:
+                errors["occurred_at"] = _detail(
+                    "occurred_at", "format",
+                    "must be an RFC 3339 timestamp with offset, e.g. 2026-01-01T08:00:00.000Z")
+            return
+        t, zone = m.groups()
+        try:  # the regex fixed the shape; fromisoformat checks the calendar and offset range
+            dt = datetime.fromisoformat(v if t == "T" and zone != "z" else v.upper())
+            ts = dt.timestamp()
+        except (ValueError, OverflowError):
+            errors["occurred_at"] = _detail(
+                "occurred_at", "format",
+                "must be a real calendar date and time (no leap seconds), offset below 24:00")
+            return
+        if ts < _EPOCH_2000:
+            errors["occurred_at"] = _detail("occurred_at", "out_of_range", "must not be before 2000-01-01T00:00:00Z")
+        elif ts - self._now() > self.policy.future_skew_seconds:
+            errors["occurred_at"] = _detail(
+                "occurred_at", "future_timestamp",
+                f"must not be more than {self.policy.future_skew_seconds:g} seconds in the future")
+        elif zone in "Zz":  # already UTC: keep the digits, truncate the fraction to milliseconds
+            out["occurred_at"] = f"{v[:10]}T{v[11:19]}.{dt.microsecond // 1000:03d}Z"
+        else:
+            try:
+                out["occurred_at"] = dt.astimezone(_UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+            except OverflowError:
+                errors["occurred_at"] = _detail("occurred_at", "out_of_range", "must be before year 10000 in UTC")
+
+
+# --- canonical encoding --------------------------------------------------------------------
+
+
+def _canonical_stdlib(event: dict) -> bytes:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def canonical_json(event: dict) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, deterministic; used for storage AND fingerprint.
+
+    Defined on validated events (str keys; ASCII str and int values), for which orjson and
+    the stdlib produce identical bytes, so nodes with and without orjson agree.
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(event, option=_orjson.OPT_SORT_KEYS)
+        except TypeError:
+            pass  # e.g. ints beyond 64 bits: let the stdlib decide
+    return _canonical_stdlib(event)
+
+
+def fingerprint(canonical: bytes) -> str:
+    """Hex SHA-256 of the canonical bytes (the idempotency comparison value)."""
+    return hashlib.sha256(canonical).hexdigest()
+
+
+# --- strict JSON decoding ------------------------------------------------------------------
+#
+# The stdlib decoder below is the reference: it defines what is accepted.  When orjson is
+# installed, a fast path handles the common shape (flat objects, or an array of flat objects)
+# and gives up -- falling back to the reference -- whenever it cannot prove that the reference
+# would return the same value: nested containers, floats (orjson turns huge ints into floats),
+# backslashes (escaped quotes hide keys from the duplicate-key count), or any orjson error.
+
+
+class _Reject(ValueError):
+    pass
+
+
+def _pairs(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _Reject("duplicate object key")
+    return d
+
+
+def _constant(name: str) -> float:
+    raise _Reject("NaN and Infinity are not JSON")
+
+
+def _int(s: str) -> int:
+    if len(s) > MAX_NUMBER_DIGITS + (s[0] == "-"):
+        raise _Reject(f"number with more than {MAX_NUMBER_DIGITS} digits")
+    return int(s)
+
+
+def _float(s: str) -> float:
+    if sum(c.isdigit() for c in s) > MAX_NUMBER_DIGITS:
+        raise _Reject(f"number with more than {MAX_NUMBER_DIGITS} digits")
+    f = float(s)
+    if not math.isfinite(f):
+        raise _Reject("number out of range for a double")
+    return f
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant,
+                            parse_int=_int, parse_float=_float)
+_STRING_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_KEY_END = re.compile(rb'"[ \t\n\r]*:')
+_QUOTE_WS = re.compile(rb'"[ \t\n\r]').search
+
+
+def _check_depth(text: str, limit: int) -> None:
+    if text.count("{") + text.count("[") <= limit:
+        return
+    depth = 0
+    for ch in re.findall(r"[\[\]{}]", _STRING_TOKEN.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            if depth > limit:
+                raise MalformedJSON(f"nesting deeper than {MAX_DEPTH} levels")
+        else:
+            depth -= 1
+
+
+def _decode_reference(body: bytes, depth_limit: int) -> object:
+    if not body.strip(b" \t\r\n"):
+        raise MalformedJSON("empty body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedJSON(f"invalid UTF-8 at byte {e.start}") from None
+    _check_depth(text, depth_limit)
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as e:
+        raise MalformedJSON(f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    except _Reject as e:
+        raise MalformedJSON(str(e)) from None
+    except RecursionError:
+        raise MalformedJSON("nesting too deep") from None
+
+
+def _decode_fast(body: bytes, array: bool) -> object:
+    """orjson for flat objects (or an array of them); None means 'ask the reference decoder'."""
+    if b"\\" in body or body.count(b"[") != array:
+        return None
+    try:
+        value = _orjson.loads(body)
+    except _orjson.JSONDecodeError:
+        return None
+    objects = value if array else [value]
+    if type(objects) is not list or body.count(b"{") != len(objects):
+        return None
+    keys = 0
+    for obj in objects:
+        if type(obj) is not dict or float in map(type, obj.values()):
+            return None
+        keys += len(obj)
+    # Without backslashes every `"<ws>:` ends a key, so fewer dict entries => duplicate key.
+    # Compact and json.dumps-default bodies have no `"<ws>`, so a plain count is exact.
+    if _QUOTE_WS(body) is not None:
+        found = len(_KEY_END.findall(body))
+    else:
+        found = body.count(b'":')
+    return value if found == keys else None
+
+
+def decode_event_body(body: bytes) -> object:
+    """Strict JSON decode of a single-event body: UTF-8 only (invalid UTF-8 -> MalformedJSON), reject duplicate object keys, NaN/Infinity, nesting deeper than 32, numbers with > 100 digits (no huge-int DoS); raise MalformedJSON."""
+    if _orjson is not None:
+        value = _decode_fast(body, False)
+        if value is not None:
+            return value
+    return _decode_reference(body, MAX_DEPTH)
+
+
+def decode_batch_body(body: bytes, kind: str) -> list[object]:
+    """kind 'ndjson' (one JSON value per non-empty line; MalformedJSON.line set) or 'array' (a top-level JSON array; anything else -> MalformedJSON). Same strictness.
+
+    Nesting is limited per event, so an array body may be one level deeper than a single
+    event.  An empty body (or only blank lines) is MalformedJSON; ``[]`` decodes to ``[]``.
+    For the array form, ``line`` is the line of the body where the error was found, if known.
+    """
+    if kind == "ndjson":
+        events = []
+        for number, line in enumerate(body.split(b"\n"), 1):
+            if not line.strip(b" \t\r"):
+                continue
+            try:
+                events.append(decode_event_body(line))
+            except MalformedJSON as e:
+                raise MalformedJSON(e.message, line=number) from None
+        if not events:
+            raise MalformedJSON("empty body")
+        return events
+    if kind != "array":
+        raise ValueError(f"unknown batch kind {kind!r}")
+    if _orjson is not None:
+        value = _decode_fast(body, True)
+        if value is not None:
+            return value
+    try:
+        value = _decode_reference(body, MAX_DEPTH + 1)
+    except MalformedJSON as e:
+        m = re.search(r" at line (\d+) column \d+$", e.message)
+        raise MalformedJSON(e.message, line=int(m.group(1)) if m else None) from None
+    if type(value) is not list:
+        raise MalformedJSON("batch body must be a JSON array")
+    return value

@@ -1,0 +1,507 @@
+"""Tests for payflux.events (schema, canonical form, strict JSON) and payflux.pan (PAN guard)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from payflux import events, pan
+from payflux.events import (
+    SCHEMA_VERSION, EventInvalid, EventValidator, MalformedJSON, ValidationPolicy,
+    canonical_json, contains_pan, decode_batch_body, decode_event_body, fingerprint,
+)
+
+NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+VALID = {
+    "event_id": "evt_01HX:a.b-c",
+    "event_type": "payment_failed",
+    "occurred_at": "2025-12-31T23:59:00.123Z",
+    "processor": "stripe",
+    "merchant_id_hash": "Xq3v9Lw0aZ-_bT6yYp2mN8cR4kD1fG7hJ5sU0eQ9iOo",
+    "payment_intent_id_hash": "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5bC7dE9f",
+}
+FULL = dict(
+    VALID, customer_id_hash="Zz9Yy8Xx7Ww6Vv5U", amount_bucket="10-50", currency="EUR",
+    payment_method="card", geo_bucket="EU-west", failure_category="insufficient_funds",
+    failure_code="card_declined:51", retry_count=2, processor_latency_ms=812,
+)
+
+# Known test PANs (all Luhn-valid) and near misses (see docs/events.md for the rule).
+PANS = [
+    "4111111111111111", "4242424242424242", "5555555555554444",  # Visa, Visa, Mastercard
+    "378282246310005", "30569309025904",  # Amex (15), Diners (14)
+    "6011000990139424124", "3530111333300000001",  # 19 digits
+    "4111 1111 1111 1111", "4111-1111-1111-1111", "3782 822463 10005", "4111 1111-1111 1111",
+]
+NOT_PANS = [
+    "411111111111",  # 12 digits
+    "6260181590830166",  # 16 digits, fails Luhn, and so does every 13..15 window
+    "93645074952883143667", "722888950484478785998838",  # 20+ digits, no Luhn-valid window
+    "4111  1111 1111 1111", "4111--1111-1111-1111", "4111 - 1111 1111 1111",  # double separators
+    "+1 415-555-0100", "+44 20 7946 0958", "(415) 555-0100 ext 4111",  # phone numbers
+    "2026-01-01 10:00:00", "4111.1111.1111.1111", "4111_1111_1111_1111",
+]
+
+
+def validator(now: float = NOW, **policy) -> EventValidator:
+    return EventValidator(ValidationPolicy(**policy), now=lambda: now)
+
+
+class ValidatorMixin:
+    def errors(self, event, **kw) -> list[tuple[str, str]]:
+        with self.assertRaises(EventInvalid) as cm:
+            validator(**kw).validate(event)
+        return [(d["field"], d["code"]) for d in cm.exception.details]
+
+    def assertFieldError(self, field, value, code, **kw):
+        self.assertEqual(self.errors(dict(VALID, **{field: value}), **kw), [(field, code)])
+
+    def assertFieldValid(self, field, value, expected=None, now=NOW):
+        out = validator(now).validate(dict(VALID, **{field: value}))
+        self.assertEqual(out[field], value if expected is None else expected)
+
+
+class SchemaTests(ValidatorMixin, SynchronousTestCase):
+    def test_schema_version(self):
+        self.assertEqual(SCHEMA_VERSION, 1)
+        self.assertEqual(len(events.FIELDS), 15)
+
+    def test_minimal_event(self):
+        out = validator().validate(dict(VALID))
+        self.assertEqual(out, dict(VALID, occurred_at="2025-12-31T23:59:00.123Z", retry_count=0))
+
+    def test_full_event(self):
+        self.assertEqual(validator().validate(dict(FULL)), FULL)
+
+    def test_required_fields(self):
+        for field in ("event_id", "event_type", "occurred_at", "processor", "merchant_id_hash",
+                      "payment_intent_id_hash"):
+            event = dict(VALID)
+            del event[field]
+            self.assertEqual(self.errors(event), [(field, "required")])
+            self.assertFieldError(field, None, "required")
+
+    def test_optional_null_is_absent(self):
+        nulls = {f: None for f in events.FIELDS if f not in VALID}
+        out = validator().validate(dict(VALID, **nulls))
+        self.assertEqual(out, validator().validate(dict(VALID)))
+        self.assertNotIn("processor_latency_ms", out)
+
+    def test_not_an_object(self):
+        for value in ([], "x", 1, None, True, [VALID]):
+            self.assertEqual(self.errors(value), [("$", "not_an_object")])
+
+    def test_type_errors(self):
+        for field in ("event_id", "event_type", "occurred_at", "processor", "merchant_id_hash",
+                      "currency", "geo_bucket", "failure_code", "amount_bucket"):
+            for value in (1, 1.5, True, [], {}, ["a"]):
+                self.assertFieldError(field, value, "type")
+
+    def test_event_id(self):
+        for ok in ("a", "A.b_c:d-e", "x" * 128, "0123"):
+            self.assertFieldValid("event_id", ok)
+        for bad in ("", "a b", "a/b", "é", "a\n"):
+            self.assertFieldError("event_id", bad, "format")
+        self.assertFieldError("event_id", "x" * 129, "too_long")
+
+    def test_slugs(self):
+        for field in ("event_type", "processor", "payment_method", "failure_category"):
+            for ok in ("a", "payment_failed", "adyen2", "a" * 64):
+                self.assertFieldValid(field, ok)
+            for bad in ("", "Payment", "1abc", "_a", "a-b", "a b", "café"):
+                self.assertFieldError(field, bad, "format")
+            self.assertFieldError(field, "a" * 65, "too_long")
+
+    def test_processor_has_no_allow_list(self):
+        self.assertFieldValid("processor", "some_new_psp_nobody_heard_of")
+
+    def test_hash_tokens(self):
+        for field in ("merchant_id_hash", "payment_intent_id_hash", "customer_id_hash"):
+            for ok in ("abcdefgh", "A-_b" * 2, "f" * 64, "x" * 128):
+                self.assertFieldValid(field, ok)
+            for bad in ("abcdefg", "abc=defgh", "abc+defgh", "abc/defgh", ""):
+                self.assertFieldError(field, bad, "format")
+            self.assertFieldError(field, "x" * 129, "too_long")
+
+    def test_amount_bucket(self):
+        for ok in ("10-50", "1000+", "0.5-1", "X"):
+            self.assertFieldValid("amount_bucket", ok)
+        for bad in ("", "10 - 50", "$10"):
+            self.assertFieldError("amount_bucket", bad, "format")
+        self.assertFieldError("amount_bucket", "1" * 33, "too_long")
+
+    def test_currency(self):
+        self.assertFieldValid("currency", "USD")
+        for bad in ("usd", "US", "U$D", "", "ÄÖÜ"):
+            self.assertFieldError("currency", bad, "format")
+        self.assertFieldError("currency", "USDX", "too_long")
+
+    def test_geo_bucket(self):
+        for ok in ("US", "EU-west", "eu:1_x"):
+            self.assertFieldValid("geo_bucket", ok)
+        for bad in ("", "EU west", "EU.west"):
+            self.assertFieldError("geo_bucket", bad, "format")
+        self.assertFieldError("geo_bucket", "A" * 33, "too_long")
+
+    def test_failure_code(self):
+        for ok in ("51", "card_declined:do_not_honor", "E.1-2"):
+            self.assertFieldValid("failure_code", ok)
+        for bad in ("", "a b", "a,b"):
+            self.assertFieldError("failure_code", bad, "format")
+        self.assertFieldError("failure_code", "x" * 65, "too_long")
+
+    def test_retry_count(self):
+        for ok in (0, 1, 1000):
+            self.assertFieldValid("retry_count", ok)
+        for bad in (-1, 1001, 10**30):
+            self.assertFieldError("retry_count", bad, "out_of_range")
+        for bad in (True, False, 1.0, 0.0, "1", [1]):
+            self.assertFieldError("retry_count", bad, "type")
+
+    def test_processor_latency_ms(self):
+        for ok in (0, 600_000):
+            self.assertFieldValid("processor_latency_ms", ok)
+        for bad in (-1, 600_001):
+            self.assertFieldError("processor_latency_ms", bad, "out_of_range")
+        for bad in (True, 1.5, 12.0, "12"):
+            self.assertFieldError("processor_latency_ms", bad, "type")
+
+    def test_multiple_errors_reported_in_schema_order(self):
+        event = dict(VALID, event_id="", currency="usd", retry_count=True, zz=1)
+        del event["processor"]
+        self.assertEqual(self.errors(event), [
+            ("event_id", "format"), ("processor", "required"), ("currency", "format"),
+            ("retry_count", "type"), ("zz", "unknown_field")])
+
+
+class TimestampTests(ValidatorMixin, SynchronousTestCase):
+    def test_normalised_to_utc_milliseconds(self):
+        cases = {
+            "2026-01-01T10:00:00+02:00": "2026-01-01T08:00:00.000Z",
+            "2025-12-31T20:00:00-03:30": "2025-12-31T23:30:00.000Z",
+            "2025-06-01T00:00:00Z": "2025-06-01T00:00:00.000Z",
+            "2025-06-01t00:00:00.5z": "2025-06-01T00:00:00.500Z",
+            "2025-06-01T00:00:00.123456789Z": "2025-06-01T00:00:00.123Z",
+            "2025-06-01T00:00:00.9999+00:00": "2025-06-01T00:00:00.999Z",  # truncated
+            "2000-01-01T00:00:00Z": "2000-01-01T00:00:00.000Z",
+            "2024-02-29T12:00:00Z": "2024-02-29T12:00:00.000Z",
+        }
+        for given_value, expected in cases.items():
+            self.assertFieldValid("occurred_at", given_value, expected, now=NOW + 86400)
+
+    def test_format(self):
+        for bad in ("2026-01-01T10:00:00", "2026-01-01 10:00:00Z", "2026-01-01", "20260101T100000Z",
+                    "2025-02-30T00:00:00Z", "2025-06-01T24:00:00Z", "2025-06-01T10:00:60Z",
+                    "2025-06-01T10:00:00+24:00", "2025-06-01T10:00:00+0200", "2025-06-01T10:00:00.Z",
+                    "2025-06-01T10:00:00.1234567890Z", "", "yesterday", "0000-01-01T00:00:00Z"):
+            self.assertFieldError("occurred_at", bad, "format")
+        self.assertFieldError("occurred_at", "2025-06-01T10:00:00Z" + " " * 60, "too_long")
+
+    def test_before_2000(self):
+        self.assertFieldError("occurred_at", "1999-12-31T23:59:59.999Z", "out_of_range")
+        self.assertFieldError("occurred_at", "2000-01-01T00:30:00+01:00", "out_of_range")
+        self.assertFieldValid("occurred_at", "1999-12-31T23:30:00-01:00", "2000-01-01T00:30:00.000Z")
+
+    def test_future_skew(self):
+        self.assertFieldValid("occurred_at", "2026-01-01T00:05:00Z", "2026-01-01T00:05:00.000Z")
+        self.assertFieldError("occurred_at", "2026-01-01T00:05:00.001Z", "future_timestamp")
+        self.assertFieldError("occurred_at", "2026-01-01T02:05:01+02:00", "future_timestamp")
+        self.assertFieldError("occurred_at", "2026-01-01T00:00:11Z", "future_timestamp",
+                              future_skew_seconds=10)
+        self.assertFieldError("occurred_at", "9999-12-31T23:59:59-23:59", "future_timestamp")
+
+    def test_now_is_injected(self):
+        out = validator(now=NOW + 3600).validate(dict(VALID, occurred_at="2026-01-01T01:00:00Z"))
+        self.assertEqual(out["occurred_at"], "2026-01-01T01:00:00.000Z")
+
+    def test_far_future_with_far_future_clock(self):
+        self.assertFieldError("occurred_at", "9999-12-31T23:59:59-23:59", "out_of_range", now=1e12)
+
+
+class UnknownFieldTests(ValidatorMixin, SynchronousTestCase):
+    def test_rejected_by_default(self):
+        self.assertEqual(self.errors(dict(VALID, amount=12, extra=None)),
+                         [("amount", "unknown_field"), ("extra", "unknown_field")])
+
+    def test_unsafe_keys_are_not_echoed(self):
+        event = dict(VALID, **{"a b": 1, "x" * 65: 2, "é": 3})
+        self.assertEqual([f for f, _ in self.errors(event)], ["<field #7>", "<field #8>", "<field #9>"])
+
+    def test_dropped_when_allowed(self):
+        out = validator(allow_unknown_fields=True).validate(dict(VALID, amount=12, meta={"a": [1]}))
+        self.assertEqual(set(out), set(VALID) | {"retry_count"})
+
+    def test_pan_checked_even_when_allowed(self):
+        event = dict(VALID, meta={"note": ["card 4111 1111 1111 1111"]})
+        self.assertEqual(self.errors(event, allow_unknown_fields=True), [("meta", "pan_detected")])
+
+
+class PanGuardTests(ValidatorMixin, SynchronousTestCase):
+    def test_known_pans(self):
+        for value in PANS:
+            self.assertTrue(contains_pan(value), value)
+            self.assertTrue(contains_pan(f"card {value} declined"), value)
+            self.assertTrue(pan.candidate_runs_possible(value), value)
+
+    def test_near_misses(self):
+        for value in NOT_PANS:
+            self.assertFalse(contains_pan(value), value)
+            self.assertFalse(contains_pan(f"card {value} declined"), value)
+
+    def test_pan_glued_to_other_digits(self):
+        for value in ("41111111111111111227", "0004111111111111111", "x4111111111111111y"):
+            self.assertTrue(contains_pan(value), value)
+
+    def test_windows_match_naive_luhn(self):
+        for digits in NOT_PANS[:4] + ["0" * 13, "1" * 40]:
+            naive = any(pan.luhn_valid(digits[i:i + n]) for n in range(13, 20)
+                        for i in range(len(digits) - n + 1))
+            self.assertEqual(pan.run_has_luhn_window(digits), naive, digits)
+
+    @PROPERTY
+    @given(st.text(alphabet="0123456789", min_size=0, max_size=60))
+    def test_windows_property(self, digits):
+        naive = any(pan.luhn_valid(digits[i:i + n]) for n in range(13, 20)
+                    for i in range(len(digits) - n + 1))
+        self.assertEqual(pan.run_has_luhn_window(digits), naive)
+
+    @PROPERTY
+    @given(st.text(alphabet="0123456789 -x", max_size=60))
+    def test_prefilter_is_exact_for_runs(self, text):
+        self.assertEqual(pan.candidate_runs_possible(text), pan._RUN.search(text) is not None)
+
+    def test_adversarial_long_run_is_cheap(self):
+        digits = "93645074952883143667" * 5000  # 100k digits
+        self.assertIsInstance(contains_pan(digits), bool)
+
+    def test_every_field_is_guarded(self):
+        for field in ("event_id", "merchant_id_hash", "payment_intent_id_hash", "customer_id_hash",
+                      "amount_bucket", "geo_bucket", "failure_code"):
+            self.assertFieldError(field, "4111111111111111", "pan_detected")
+        self.assertFieldError("event_type", "x4111111111111111", "pan_detected")
+        self.assertFieldError("occurred_at", "2025-06-01T10:00:00.4111111111111111Z", "pan_detected")
+        self.assertFieldError("failure_code", "card 4111-1111-1111-1111 declined", "pan_detected")
+        self.assertFieldError("event_id", ["4111111111111111"], "pan_detected")
+
+    def test_unknown_field_and_key(self):
+        self.assertEqual(self.errors(dict(VALID, note="4242 4242 4242 4242")), [("note", "pan_detected")])
+        self.assertEqual(self.errors(dict(VALID, **{"4111111111111111": 1})),
+                         [("<field #7>", "pan_detected")])
+        self.assertEqual(self.errors(dict(VALID, card_4111111111111111=None)),
+                         [("<field #7>", "pan_detected")])
+
+    def test_pan_never_echoed(self):
+        raw = "card 4111-1111-1111-1111 declined"
+        event = dict(VALID, failure_code=raw, event_id=raw, note=raw, **{raw: raw})
+        with self.assertRaises(EventInvalid) as cm:
+            validator().validate(event)
+        text = json.dumps(cm.exception.details) + str(cm.exception) + repr(cm.exception)
+        for needle in ("4111", "1111", "declined"):
+            self.assertNotIn(needle, text)
+
+
+class CanonicalTests(SynchronousTestCase):
+    def test_sorted_compact_utf8(self):
+        out = validator().validate(dict(FULL))
+        raw = canonical_json(out)
+        self.assertEqual(raw, json.dumps(out, sort_keys=True, separators=(",", ":")).encode())
+        self.assertTrue(raw.startswith(b'{"amount_bucket":"10-50","currency":"EUR",'))
+
+    def test_key_order_irrelevant(self):
+        reordered = dict(reversed(list(FULL.items())))
+        v = validator()
+        self.assertEqual(canonical_json(v.validate(reordered)), canonical_json(v.validate(dict(FULL))))
+
+    def test_timestamp_normalisation_gives_same_bytes(self):
+        v = validator(now=NOW + 86400)
+        a = v.validate(dict(VALID, occurred_at="2026-01-01T10:00:00+02:00"))
+        b = v.validate(dict(VALID, occurred_at="2026-01-01T08:00:00.000Z"))
+        self.assertEqual(canonical_json(a), canonical_json(b))
+        self.assertEqual(fingerprint(canonical_json(a)), fingerprint(canonical_json(b)))
+
+    def test_retry_count_default_is_explicit(self):
+        v = validator()
+        self.assertEqual(canonical_json(v.validate(dict(VALID))),
+                         canonical_json(v.validate(dict(VALID, retry_count=0))))
+        self.assertIn(b'"retry_count":0', canonical_json(v.validate(dict(VALID))))
+
+    def test_fingerprint(self):
+        self.assertEqual(fingerprint(b"{}"),
+                         "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a")
+
+    def test_stdlib_fallback_is_byte_identical(self):
+        out = validator().validate(dict(FULL))
+        fast = canonical_json(out)
+        self.patch(events, "_orjson", None)
+        self.assertEqual(canonical_json(out), fast)
+
+
+def body(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+class DecodeTests(SynchronousTestCase):
+    def malformed(self, raw: bytes) -> MalformedJSON:
+        with self.assertRaises(MalformedJSON) as cm:
+            decode_event_body(raw)
+        return cm.exception
+
+    def test_valid(self):
+        self.assertEqual(decode_event_body(body(FULL)), FULL)
+        self.assertEqual(decode_event_body(b' {"a" : "b",\n "c":[1, {"d": null}]}\r\n'),
+                         {"a": "b", "c": [1, {"d": None}]})
+        self.assertEqual(decode_event_body(b'{"a":"\\u00e9\\"x"}'), {"a": 'é"x'})
+
+    def test_strictness(self):
+        for raw in (b"", b"   ", b'{"a":1,"a":2}', b'{"a":1, "a" :2}', b'{"x":{"a":1,"a":2}}',
+                    b'{"a\\u0062":1,"ab":2}', b'{"a": NaN}', b'{"a": Infinity}', b'-Infinity',
+                    b'{"a": 1e400}', b"\xff", b'{"a":"\xc3"}', b"\xef\xbb\xbf{}", b"{} x", b"{}{}",
+                    b'{"a":1,}', b"{'a':1}", b'{"a":01}', b"1" * 101, b'{"a":-' + b"9" * 101 + b"}",
+                    b"0." + b"1" * 100, b"[" * 33 + b"]" * 33, b'{"a":' * 40 + b"1" + b"}" * 40,
+                    b"[" * 100_000, '{"a":"é"}'.encode("utf-16")):
+            exc = self.malformed(raw)
+            self.assertIsNone(exc.line)
+
+    def test_limits_are_inclusive(self):
+        self.assertEqual(decode_event_body(b"1" * 100), int("1" * 100))
+        nested = decode_event_body(b"[" * 32 + b"]" * 32)
+        for _ in range(31):
+            nested = nested[0]
+        self.assertEqual(nested, [])
+        self.assertEqual(decode_event_body(b'"' + b"[" * 100 + b'"'), "[" * 100)
+        # an escaped quote must not confuse the depth pre-scan: outer array + 31 nested = 32
+        self.assertEqual(len(decode_event_body(b'["\\"]", ' + b"[" * 31 + b"]" * 32)), 2)
+
+    def test_messages_do_not_echo_input(self):
+        for raw in (b'{"card":4111111111111111x}', b'{"card":"4111111111111111}', b'{"4111":1,"4111":2}'):
+            self.assertNotIn("4111", str(self.malformed(raw)))
+
+    def test_ndjson(self):
+        raw = body(VALID) + b"\n\n  \r\n" + body(FULL) + b"\r\n"
+        self.assertEqual(decode_batch_body(raw, "ndjson"), [VALID, FULL])
+        with self.assertRaises(MalformedJSON) as cm:
+            decode_batch_body(b'{}\n\n{"a":1}\n{"a":1,"a":2}\n', "ndjson")
+        self.assertEqual(cm.exception.line, 4)
+        with self.assertRaises(MalformedJSON) as cm:
+            decode_batch_body(b'{}\n\xff\n', "ndjson")
+        self.assertEqual(cm.exception.line, 2)
+        for raw in (b"", b"\n \n"):
+            self.assertRaises(MalformedJSON, decode_batch_body, raw, "ndjson")
+
+    def test_ndjson_string_may_not_span_lines(self):
+        with self.assertRaises(MalformedJSON) as cm:
+            decode_batch_body(b'{"a":"x\ny"}\n{},{}', "ndjson")
+        self.assertEqual(cm.exception.line, 1)
+
+    def test_array(self):
+        self.assertEqual(decode_batch_body(b"[" + body(VALID) + b",\n" + body(FULL) + b"]", "array"),
+                         [VALID, FULL])
+        self.assertEqual(decode_batch_body(b"[]", "array"), [])
+        for raw in (b"{}", b"1", b"", b"[{}]x", b'[{"a":1,"a":2}]', b"[" * 34 + b"]" * 34):
+            self.assertRaises(MalformedJSON, decode_batch_body, raw, "array")
+        self.assertEqual(len(decode_batch_body(b"[" * 33 + b"]" * 33, "array")), 1)
+        with self.assertRaises(MalformedJSON) as cm:
+            decode_batch_body(b"[{},\n{},\n{x}]", "array")
+        self.assertEqual(cm.exception.line, 3)
+
+    def test_unknown_kind(self):
+        self.assertRaises(ValueError, decode_batch_body, b"[]", "csv")
+
+
+# --- property tests ------------------------------------------------------------------------
+
+json_scalars = st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(
+    allow_nan=False, allow_infinity=False) | st.text(max_size=30)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=20,
+)
+field_values = st.sampled_from([
+    "payment_failed", "abcdefgh1234", "2025-06-01T10:00:00Z", "EUR", "10-50", 0, 5, -1, True, None,
+    1.0, "", "4111 1111 1111 1111", [], {}])
+event_like = st.dictionaries(
+    st.sampled_from(list(events.FIELDS) + ["extra", "4111111111111111"]), field_values | json_values)
+pans = st.sampled_from(PANS)
+
+
+class PropertyTests(SynchronousTestCase):
+    def check_pipeline(self, raw: bytes, allow_unknown: bool = False) -> None:
+        v = validator(allow_unknown_fields=allow_unknown)
+        try:
+            obj = decode_event_body(raw)
+        except MalformedJSON:
+            return
+        try:
+            out = v.validate(obj)
+        except EventInvalid as e:
+            self.assertTrue(e.details)
+            for d in e.details:
+                self.assertEqual(set(d), {"field", "code", "message"})
+            return
+        canonical = canonical_json(out)
+        self.assertEqual(decode_event_body(canonical), out)
+        self.assertEqual(canonical_json(v.validate(decode_event_body(canonical))), canonical)
+
+    @PROPERTY
+    @given(json_values | event_like, st.booleans())
+    def test_arbitrary_json(self, value, allow_unknown):
+        self.check_pipeline(json.dumps(value).encode(), allow_unknown)
+
+    @PROPERTY
+    @given(event_like.map(lambda e: dict(VALID, **e)), st.booleans())
+    def test_mostly_valid_events(self, value, allow_unknown):
+        self.check_pipeline(json.dumps(value).encode(), allow_unknown)
+
+    @PROPERTY
+    @given(st.binary(max_size=200))
+    def test_arbitrary_bytes(self, raw):
+        self.check_pipeline(raw)
+        try:
+            decode_batch_body(raw, "ndjson")
+            decode_batch_body(raw, "array")
+        except MalformedJSON:
+            pass
+
+    @PROPERTY
+    @given(json_values | event_like, st.sampled_from([None, 0, 2]))
+    def test_fast_path_matches_reference(self, value, indent):
+        raw = json.dumps(value, indent=indent).encode()
+        for raw in (raw, raw.replace(b"}", b', "k": 1, "k": 2}', 1)):
+            try:
+                expected = events._decode_reference(raw, events.MAX_DEPTH)
+            except MalformedJSON:
+                expected = MalformedJSON
+            try:
+                got = decode_event_body(raw)
+            except MalformedJSON:
+                got = MalformedJSON
+            self.assertEqual(repr(got), repr(expected))
+
+    @PROPERTY
+    @given(event_like.map(lambda e: dict(VALID, **e)), pans, st.sampled_from(sorted(FULL) + ["x", "k"]),
+           st.text(max_size=5), st.booleans())
+    def test_pan_never_in_errors(self, event, card, field, prefix, as_key):
+        if as_key:
+            event[prefix + card] = prefix
+        else:
+            event[field] = prefix + card
+        with self.assertRaises(EventInvalid) as cm:
+            validator(allow_unknown_fields=True).validate(event)
+        digits = card.replace(" ", "").replace("-", "")
+        text = json.dumps(cm.exception.details) + str(cm.exception)
+        self.assertNotIn(card, text)
+        self.assertNotIn(digits, text)
+        self.assertIn("pan_detected", [d["code"] for d in cm.exception.details])
+
+
+class DecodeWithoutOrjsonTests(DecodeTests):
+    """The same decoding contract holds when orjson is not installed (stdlib reference only)."""
+
+    def setUp(self):
+        self.patch(events, "_orjson", None)
