@@ -186,7 +186,16 @@ class RedisProcess:
         self.process: subprocess.Popen[bytes] | None = None
         if testcase is not None:
             testcase.addCleanup(self.cleanup)
-        self.start()
+        for attempt in range(5):
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                # the free port may have been taken by someone else since we probed it
+                if attempt == 4 or "Address already in use" not in self.log_tail():
+                    raise
+                self.port = free_port()
+                self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def _args(self) -> list[str]:
         return [
