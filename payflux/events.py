@@ -100,6 +100,7 @@ _TIMESTAMP_MAX = 64
 _EPOCH_2000 = 946_684_800.0
 _UTC = timezone.utc
 _SAFE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}").fullmatch
+_UNKNOWN_MESSAGE = "is not a field of payment_exhaust v1"
 _PAN_MESSAGE = "looks like a card number (13-19 digits passing Luhn); send hashes or buckets only"
 _ORDER = {name: i for i, name in enumerate(FIELDS)}
 
@@ -195,7 +196,7 @@ class EventValidator:
                 for index, key in enumerate(obj, 1):
                     if key not in _KNOWN:
                         label = _unknown_label(index, key)
-                        errors[label] = _detail(label, "unknown_field", "is not a field of payment_exhaust v1")
+                        errors[label] = _detail(label, "unknown_field", _UNKNOWN_MESSAGE)
 
         texts = [v for v in obj.values() if type(v) is str] if flat else _strings(obj, [])
         if texts and candidate_runs_possible("\x00".join(texts)):
@@ -211,7 +212,8 @@ class EventValidator:
         m = _TIMESTAMP(v)
         if m is None:
             if len(v) > _TIMESTAMP_MAX:
-                errors["occurred_at"] = _detail("occurred_at", "too_long", f"must be at most {_TIMESTAMP_MAX} characters")
+                errors["occurred_at"] = _detail(
+                    "occurred_at", "too_long", f"must be at most {_TIMESTAMP_MAX} characters")
             else:
                 errors["occurred_at"] = _detail(
                     "occurred_at", "format",
@@ -227,7 +229,8 @@ class EventValidator:
                 "must be a real calendar date and time (no leap seconds), offset below 24:00")
             return
         if ts < _EPOCH_2000:
-            errors["occurred_at"] = _detail("occurred_at", "out_of_range", "must not be before 2000-01-01T00:00:00Z")
+            errors["occurred_at"] = _detail(
+                "occurred_at", "out_of_range", "must not be before 2000-01-01T00:00:00Z")
         elif ts - self._now() > self.policy.future_skew_seconds:
             errors["occurred_at"] = _detail(
                 "occurred_at", "future_timestamp",
@@ -238,7 +241,8 @@ class EventValidator:
             try:
                 out["occurred_at"] = dt.astimezone(_UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
             except OverflowError:
-                errors["occurred_at"] = _detail("occurred_at", "out_of_range", "must be before year 10000 in UTC")
+                errors["occurred_at"] = _detail(
+                    "occurred_at", "out_of_range", "must be before year 10000 in UTC")
 
 
 # --- canonical encoding --------------------------------------------------------------------
