@@ -244,8 +244,14 @@ class HttpTarget:
     def base(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self, outdir: Path) -> None:
-        (outdir / f"{self.name}-command.txt").write_text(" ".join(self.cmd) + "\n")
+    def start(self, outdir: Path, secret: str = "") -> None:
+        shown = " ".join(self.cmd)
+        if secret:
+            shown = shown.replace(secret, "<secret>")
+        (outdir / f"{self.name}-command.txt").write_text(shown + "\n")
+        for arg in self.cmd[1:]:
+            if arg.endswith("webdis.json"):
+                shutil.copy(arg, outdir / "webdis.json")
         self.log = open(outdir / f"{self.name}-server.log", "w")
         self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -419,7 +425,7 @@ def run_http_target(target: HttpTarget, args, rs: RedisServer, secret: str,
                "BENCH_BATCH_SIZE": str(args.batch_size),
                "BENCH_OCCURRED_AT": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     print(f"== {target.name}: starting", flush=True)
-    target.start(outdir)
+    target.start(outdir, secret)
     try:
         target.wait_ready()
         if target.contract:
