@@ -13,6 +13,7 @@ its listeners, then its Redis connections, and stops the embedded Redis last.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import txredisapi
@@ -20,6 +21,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from payflux.config import Settings
@@ -30,7 +32,7 @@ from payflux.ingest.http import IngestSite
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
 from payflux.streams.connection import RedisTarget, connect, parse_redis_url
-from payflux.streams.embedded import EmbeddedRedis
+from payflux.streams.embedded import EmbeddedRedis, EmbeddedRedisError
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import StreamWriter
 
@@ -43,6 +45,18 @@ class Node(MultiService):
     waiting for the previous one: MultiService's own stopService stops them all at once, which
     would close the listeners while in-flight appends are still draining.
     """
+
+    def privilegedStartService(self) -> None:
+        """
+        Runs before the reactor (twistd): bind the listeners and check the embedded Redis. A
+        failure here is an operator error (port taken, data dir owned by a live Redis, no
+        redis-server binary): one line on stderr and exit status 1, no traceback.
+        """
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, EmbeddedRedisError) as e:
+            sys.stderr.write(f"payflux: cannot start: {e}\n")
+            raise SystemExit(1) from None
 
     @inlineCallbacks
     def stopService(self):

@@ -147,5 +147,23 @@ class DaemonTests(SynchronousTestCase):
              "--data-dir", self.data_dir],
             capture_output=True, text=True, timeout=60, cwd=self.dir, env=env,
         )
-        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.returncode, 1)
+        # twistd routes stderr into its log (stdout with -n)
+        self.assertIn("payflux: cannot start:", result.stdout + result.stderr)
         self.assertIn("Address already in use", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_data_dir_owned_by_a_live_redis_fails_the_start(self):
+        first = self.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+        result = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "payflux", "--insecure-dev-mode",
+             "--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--metrics-listen", "none",
+             "--data-dir", self.data_dir],
+            capture_output=True, text=True, timeout=60, cwd=self.dir, env=env,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("payflux: cannot start:", result.stdout + result.stderr)
+        self.assertIn("already running on", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        self.stop(first)

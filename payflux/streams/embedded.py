@@ -140,6 +140,7 @@ class EmbeddedRedis(Service):
         self.conf_path = os.path.join(self.data_dir, "redis.conf")
         self.logfile = os.path.join(self.data_dir, "redis.log")
         self._transport: Any = None
+        self._prepared: str | None = None
         self._stopping = False
         self._ended: list[defer.Deferred] = []
         self._ready: defer.Deferred | None = None
@@ -189,20 +190,38 @@ class EmbeddedRedis(Service):
         log.info("removing stale embedded redis pidfile {pidfile} (pid {pid})", pidfile=self.pidfile, pid=pid)
         os.unlink(self.pidfile)
 
-    def startService(self) -> None:
-        """Spawn redis-server; raises EmbeddedRedisError if it can't (see class doc)."""
+    def privilegedStartService(self) -> None:
+        """
+        Check everything that can be checked before the reactor runs (binary, socket path, data
+        dir, no live server on it), so that ``twistd`` fails at once with EmbeddedRedisError
+        instead of running a node that has no Redis.
+        """
+        Service.privilegedStartService(self)
+        self._prepare()
+
+    def _prepare(self) -> str:
         binary = self.binary or find_redis_server()
         if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
             raise EmbeddedRedisError(f"redis-server binary {binary} does not exist or is not executable")
         if len(self.socket_path.encode()) > _MAX_SOCKET_PATH:
             raise EmbeddedRedisError(f"data dir {self.data_dir} is too long for a unix socket path; use a shorter one")
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.data_dir, 0o700)
+        try:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.data_dir, 0o700)
+        except OSError as e:
+            raise EmbeddedRedisError(f"cannot create data dir {self.data_dir}: {e.strerror}") from None
         self._check_not_running()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         with open(self.conf_path, "w", encoding="utf-8") as f:
             f.write(self.config_text())
+        self._prepared = binary
+        return binary
+
+    def startService(self) -> None:
+        """Spawn redis-server; raises EmbeddedRedisError if it can't (see class doc)."""
+        binary = self._prepared or self._prepare()
+        self._prepared = None
         Service.startService(self)
         self._stopping = False
         self._ready_result = None
