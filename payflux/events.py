@@ -66,9 +66,10 @@ class MalformedJSON(Exception):
 _SLUG = r"[a-z][a-z0-9_]{0,63}"
 _HASH = r"[A-Za-z0-9_-]{8,128}"
 
-# name -> (required, regex, max length, rule text).  Regex-checked string fields only;
+# name -> (required, regex, max length, rule text); public so the OpenAPI document is built
+# from the same rules the validator applies.  Regex-checked string fields only;
 # occurred_at, retry_count and processor_latency_ms have their own code below.
-_STRING_FIELDS: dict[str, tuple[bool, str, int, str]] = {
+STRING_FIELDS: dict[str, tuple[bool, str, int, str]] = {
     "event_id": (True, r"[A-Za-z0-9._:-]{1,128}", 128, "1..128 characters of [A-Za-z0-9._:-]"),
     "event_type": (True, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
     "processor": (True, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
@@ -82,16 +83,16 @@ _STRING_FIELDS: dict[str, tuple[bool, str, int, str]] = {
     "failure_category": (False, _SLUG, 64, "a slug: ^[a-z][a-z0-9_]{0,63}$"),
     "failure_code": (False, r"[A-Za-z0-9._:-]{1,64}", 64, "1..64 characters of [A-Za-z0-9._:-]"),
 }
-_INT_FIELDS = {"retry_count": (0, 1000), "processor_latency_ms": (0, 600_000)}
+INT_FIELDS = {"retry_count": (0, 1000), "processor_latency_ms": (0, 600_000)}
 FIELDS = ("event_id", "event_type", "occurred_at", "processor", "merchant_id_hash",
           "payment_intent_id_hash", "customer_id_hash", "amount_bucket", "currency",
           "payment_method", "geo_bucket", "failure_category", "failure_code", "retry_count",
           "processor_latency_ms")
 _KNOWN = frozenset(FIELDS)
 _STRING_CHECKS = tuple(
-    (name, req, re.compile(rx).fullmatch, cap) for name, (req, rx, cap, _) in _STRING_FIELDS.items()
+    (name, req, re.compile(rx).fullmatch, cap) for name, (req, rx, cap, _) in STRING_FIELDS.items()
 )
-_FORMAT_MESSAGES = {name: f"must be {rule}" for name, (_, _, _, rule) in _STRING_FIELDS.items()}
+_FORMAT_MESSAGES = {name: f"must be {rule}" for name, (_, _, _, rule) in STRING_FIELDS.items()}
 
 _TIMESTAMP = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt])[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -177,7 +178,7 @@ class EventValidator:
             errors["occurred_at"] = _detail("occurred_at", "type", "must be an RFC 3339 timestamp string")
             flat = False
 
-        for name, (low, high) in _INT_FIELDS.items():
+        for name, (low, high) in INT_FIELDS.items():
             v = get(name)
             if v is None:
                 if name == "retry_count":

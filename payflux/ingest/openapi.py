@@ -9,47 +9,49 @@ from __future__ import annotations
 
 from typing import Any
 
-HASH = {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,128}$"}
-SLUG = {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"}
+from payflux.events import FIELDS, INT_FIELDS, SCHEMA_VERSION, STRING_FIELDS
 
-EVENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": [
-        "event_id",
-        "event_type",
-        "occurred_at",
-        "processor",
-        "merchant_id_hash",
-        "payment_intent_id_hash",
-    ],
-    "description": (
-        "A payment_exhaust event (schema version 1). Hashes and buckets only: any string holding "
-        "a 13-19 digit run that passes the Luhn check is rejected (pan_detected). Optional fields "
-        "sent as null count as absent."
-    ),
-    "properties": {
-        "event_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": "Idempotency key."},
-        "event_type": SLUG,
-        "occurred_at": {
-            "type": "string",
-            "format": "date-time",
-            "description": "RFC 3339 with offset; at most future_skew seconds ahead of the server clock.",
-        },
-        "processor": SLUG,
-        "merchant_id_hash": HASH,
-        "payment_intent_id_hash": HASH,
-        "customer_id_hash": {**HASH, "nullable": True},
-        "amount_bucket": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,32}$", "nullable": True},
-        "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "nullable": True},
-        "payment_method": {**SLUG, "nullable": True},
-        "geo_bucket": {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,32}$", "nullable": True},
-        "failure_category": {**SLUG, "nullable": True},
-        "failure_code": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$", "nullable": True},
-        "retry_count": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 0, "nullable": True},
-        "processor_latency_ms": {"type": "integer", "minimum": 0, "maximum": 600000, "nullable": True},
-    },
-}
+REQUIRED = ("event_id", "event_type", "occurred_at", "processor", "merchant_id_hash", "payment_intent_id_hash")
+
+
+def _event_schema() -> dict[str, Any]:
+    """The event schema, built from the validator's own field tables so the two can't drift."""
+    properties: dict[str, Any] = {}
+    for name in FIELDS:
+        if name in STRING_FIELDS:
+            _, regex, _, rule = STRING_FIELDS[name]
+            prop = {"type": "string", "pattern": f"^{regex}$", "description": rule}
+        elif name in INT_FIELDS:
+            low, high = INT_FIELDS[name]
+            prop = {"type": "integer", "minimum": low, "maximum": high}
+            if name == "retry_count":
+                prop["default"] = 0
+        else:  # occurred_at
+            prop = {
+                "type": "string",
+                "format": "date-time",
+                "description": "RFC 3339 with offset; at most future_skew seconds ahead of the server clock; "
+                "stored as UTC with milliseconds.",
+            }
+        if name not in REQUIRED:
+            prop["nullable"] = True
+        properties[name] = prop
+    properties["event_id"]["description"] = "Idempotency key."
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(REQUIRED),
+        "description": (
+            f"A payment_exhaust event (schema version {SCHEMA_VERSION}). Hashes and buckets only: any string "
+            "holding a 13-19 digit run that passes the Luhn check is rejected (pan_detected). Optional "
+            "fields sent as null count as absent. Unknown fields are rejected unless the node runs with "
+            "allow_unknown_fields (then dropped)."
+        ),
+        "properties": properties,
+    }
+
+
+EVENT_SCHEMA = _event_schema()
 
 ERROR_SCHEMA = {
     "type": "object",
