@@ -89,6 +89,25 @@ def _post(url: str, body: bytes, content_type: str, api_key: str | None, timeout
         return e.code, e.read().decode("utf-8", "replace")
 
 
+def _read_events(path: str) -> list:
+    """A file (or '-' for stdin) of NDJSON or one JSON array; ValueError names the bad line."""
+    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    text = data.decode("utf-8").strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not a JSON array ({e})") from None
+    events = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"line {n} is not JSON") from None
+    return events
+
+
 def _send(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="payflux send", description="Post payment_exhaust events to a node.")
     parser.add_argument("--url", default=os.environ.get("PAYFLUX_URL", "http://127.0.0.1:8080"))
@@ -106,12 +125,11 @@ def _send(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     if args.file:
-        data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
-        text = data.decode("utf-8").strip()
-        if text.startswith("["):
-            events = json.loads(text)
-        else:
-            events = [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            events = _read_events(args.file)
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"payflux send: cannot read events from {args.file}: {e}\n")
+            return 2
     else:
         overrides = {"processor": args.processor, "event_type": args.event_type,
                      "failure_category": args.failure_category}
