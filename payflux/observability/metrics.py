@@ -64,6 +64,84 @@ class Metrics:
         )
         self.redis_up = Gauge("payflux_redis_up", "1 if the last Redis probe answered.", registry=r)
         self.draining = Gauge("payflux_draining", "1 while the node drains for shutdown.", registry=r)
+        self.consumers = ConsumerMetrics(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ConsumerMetrics:
+    """
+    Metrics of the consumer side (consumer groups, reclaim, dead letters, retention).
+
+    Registered in the node's :class:`Metrics` registry so one ``/metrics`` shows both sides.
+    Gauges whose value is unknown (e.g. lag that Redis 6.2 can't report and we couldn't compute)
+    are *removed* for that label set, never set to 0.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        cg = ["consumer", "group"]
+        self.processed = Counter("payflux_consumer_processed", "Entries a handler completed.", cg, registry=r)
+        self.failed = Counter("payflux_consumer_failed", "Entries a handler failed (left pending).", cg, registry=r)
+        self.acked = Counter("payflux_consumer_acked", "Entries acknowledged (XACK).", cg, registry=r)
+        self.reclaimed = Counter(
+            "payflux_consumer_reclaimed", "Entries claimed from idle consumers (XAUTOCLAIM).", cg, registry=r
+        )
+        self.dead_lettered = Counter(
+            "payflux_consumer_dead_lettered",
+            "Entries moved to the dead-letter stream after max_deliveries.",
+            cg + ["error_class"],
+            registry=r,
+        )
+        self.deleted_pending = Counter(
+            "payflux_consumer_deleted_pending",
+            "Pending entries whose stream entry was already deleted (counted as lost, then acked).",
+            cg,
+            registry=r,
+        )
+        self.group_recreated = Counter(
+            "payflux_consumer_group_recreated", "Consumer groups (re)created after NOGROUP.", cg, registry=r
+        )
+        self.read_errors = Counter(
+            "payflux_consumer_read_errors", "Failed XREADGROUP/XACK/XAUTOCLAIM steps (retried).", cg, registry=r
+        )
+        self.handler_latency = Histogram(
+            "payflux_consumer_handler_duration_seconds",
+            "Time a handler took for one batch.",
+            cg,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "payflux_consumer_batch_size",
+            "Entries per handler batch.",
+            cg,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
+        self.lost_unconsumed = Counter(
+            "payflux_stream_lost_unconsumed",
+            "Entries trimmed at the hard cap before every group had them delivered and acked.",
+            ["partition"],
+            registry=r,
+        )
+        self.trimmed = Counter(
+            "payflux_stream_trimmed", "Entries removed by retention (age/length/hard cap).", ["partition"], registry=r
+        )
+        self.lag = Gauge(
+            "payflux_group_lag",
+            "Entries in the stream not yet delivered to the group (absent when unknown).",
+            ["group", "partition"],
+            registry=r,
+        )
+        self.pending = Gauge(
+            "payflux_group_pending", "Entries delivered but not acknowledged.", ["group", "partition"], registry=r
+        )
+        self.oldest_pending_age = Gauge(
+            "payflux_group_oldest_pending_age_seconds",
+            "Age (by stream id time) of the oldest pending entry; absent when nothing is pending.",
+            ["group", "partition"],
+            registry=r,
+        )
+        self.dlq_depth = Gauge("payflux_dlq_depth", "Entries in the dead-letter stream.", ["partition"], registry=r)
