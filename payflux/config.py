@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 
+from payflux.consumers.config import ConsumerConfig, RetentionConfig, consumer_from_table
+
 
 class ConfigError(Exception):
     """An option has an invalid value; ``str()`` is one line meant for the operator."""
@@ -27,6 +29,8 @@ class ConfigError(Exception):
         self.message = message
 
     def __str__(self) -> str:
+        if self.option == "consumers":
+            return f"invalid [[consumers]] in the config file: {self.message}"
         env = "PAYFLUX_" + self.option.upper()
         flag = "--" + self.option.replace("_", "-")
         return f"invalid {flag} ({env} / {self.option} in the config file): {self.message}"
@@ -128,7 +132,7 @@ def _list(value: Any) -> tuple[str, ...]:
     return tuple(i.strip() for i in items if i.strip())
 
 
-_ROLES = ("ingest",)
+_ROLES = ("ingest", "consumers")
 
 
 def _roles(value: Any) -> tuple[str, ...]:
@@ -187,7 +191,7 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option("data_dir", "payflux-data", _str, "Directory of the embedded Redis (AOF, socket)."),
-    Option("roles", ("ingest",), _roles, "Comma-separated roles of this node: ingest."),
+    Option("roles", ("ingest",), _roles, "Comma-separated roles of this node: ingest, consumers."),
     Option(
         "api_keys",
         (),
@@ -233,6 +237,27 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("shutdown_grace", 10.0, _float(0, 600), "Seconds SIGTERM waits for in-flight appends."),
     Option("stats_interval", 5.0, _float(0.1, 3600), "Seconds between stream-length samples."),
+    Option(
+        "retention_max_age",
+        7 * 86400.0,
+        _float(0, 10 * 365 * 86400),
+        "Seconds after which consumed entries may be trimmed; 0 = no age limit.",
+    ),
+    Option(
+        "retention_max_length",
+        0,
+        _int(0, 10**12),
+        "Entries per partition beyond which consumed entries may be trimmed; 0 = no limit.",
+    ),
+    Option(
+        "retention_hard_cap",
+        0,
+        _int(0, 10**12),
+        "Entries per partition never exceeded, even unconsumed (losses counted); 0 = no cap.",
+    ),
+    Option("retention_interval", 30.0, _float(0, 86400), "Seconds between trim passes; 0 disables trimming."),
+    Option("dlq_max_age", 30 * 86400.0, _float(0, 10 * 365 * 86400), "Seconds dead letters are kept; 0 = forever."),
+    Option("dlq_max_length", 100_000, _int(0, 10**12), "Dead letters kept per partition; 0 = no limit."),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -266,6 +291,23 @@ class Settings:
     max_inflight_events: int
     shutdown_grace: float
     stats_interval: float
+    retention_max_age: float
+    retention_max_length: int
+    retention_hard_cap: int
+    retention_interval: float
+    dlq_max_age: float
+    dlq_max_length: int
+    consumers: tuple[ConsumerConfig, ...] = ()
+
+    def retention(self) -> RetentionConfig:
+        return RetentionConfig(
+            max_age=self.retention_max_age,
+            max_length=self.retention_max_length,
+            hard_cap=self.retention_hard_cap,
+            interval=self.retention_interval,
+            dlq_max_age=self.dlq_max_age,
+            dlq_max_length=self.dlq_max_length,
+        )
 
 
 def parse_api_keys(lines: Iterable[str], source: str) -> list[ApiKey]:
@@ -320,8 +362,14 @@ def load_settings(
     config_path = config_path or env.get("PAYFLUX_CONFIG") or None
 
     raw: dict[str, tuple[Any, str]] = {}
+    consumer_tables: list = []
     if config_path:
         for key, value in _read_toml(config_path).items():
+            if key == "consumers":
+                if not isinstance(value, list):
+                    raise ConfigError("consumers", f"{config_path}: use [[consumers]] tables")
+                consumer_tables = value
+                continue
             if key not in OPTIONS_BY_NAME:
                 known = ", ".join(sorted(OPTIONS_BY_NAME))
                 raise ConfigError("config", f"{config_path}: unknown key {key!r}; known keys: {known}")
@@ -372,7 +420,23 @@ def load_settings(
         seen.add(key.key_id)
     values["api_keys"] = tuple(keys)
 
-    if not keys and not values["insecure_dev_mode"]:
+    consumers = []
+    for index, table in enumerate(consumer_tables):
+        try:
+            consumers.append(consumer_from_table(table, index))
+        except (TypeError, ValueError) as e:
+            raise ConfigError("consumers", str(e)) from None
+    names = [c.name for c in consumers]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError("consumers", f"consumer name {name!r} is used twice")
+    values["consumers"] = tuple(consumers)
+    if "consumers" in values["roles"] and not consumers:
+        raise ConfigError("roles", "role 'consumers' needs at least one [[consumers]] table in the config file")
+    if values["retention_hard_cap"] and values["retention_max_length"] > values["retention_hard_cap"]:
+        raise ConfigError("retention_hard_cap", "must be at least retention_max_length")
+
+    if "ingest" in values["roles"] and not keys and not values["insecure_dev_mode"]:
         raise ConfigError(
             "api_keys",
             "no API keys configured; set --api-keys id:secret (or --api-keys-file), "

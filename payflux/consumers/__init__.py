@@ -1,0 +1,1 @@
+"""Consumer groups over the payment-event streams: runtime, reclaim, dead letters, retention."""
