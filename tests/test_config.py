@@ -178,3 +178,55 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("PAYFLUX_RATE_LIMIT", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+class ConsumerConfigTests(SynchronousTestCase):
+    def load(self, text: str, **cli):
+        return load_settings({"api_keys": KEYS, **cli}, env={}, config_path=_file(self, text))
+
+    def test_consumer_tables(self):
+        s = self.load(
+            'roles = ["ingest", "consumers"]\n'
+            '[[consumers]]\nname = "audit"\ngroup = "audit"\nhandler = "log"\n'
+            '[[consumers]]\nname = "risk"\ngroup = "risk"\nhandler = "noop"\nbatch_size = 500\nstart_id = "$"\n'
+            'options = {threshold = 3}\n'
+        )
+        self.assertEqual([c.name for c in s.consumers], ["audit", "risk"])
+        self.assertEqual((s.consumers[1].batch_size, s.consumers[1].start_id), (500, "$"))
+        self.assertEqual(s.consumers[1].options, {"threshold": 3})
+        self.assertEqual(s.consumers[0].max_deliveries, 5)
+
+    def test_consumer_only_node_needs_no_api_keys(self):
+        path = _file(self, '[[consumers]]\nname = "a"\ngroup = "g"\nhandler = "log"\n')
+        s = load_settings({"roles": "consumers"}, env={}, config_path=path)
+        self.assertEqual(s.roles, ("consumers",))
+
+    def test_consumer_errors_are_one_line(self):
+        cases = [
+            ('[[consumers]]\nname = "a"\ngroup = "g"\n', "handler is required"),
+            ('[[consumers]]\nname = "a"\ngroup = "g"\nhandler = "log"\nbatchsize = 3\n', "unknown key 'batchsize'"),
+            ('[[consumers]]\nname = "a"\ngroup = "g"\nhandler = "log"\nstart_id = "1-0"\n', "start_id"),
+            ('[[consumers]]\nname = "a"\ngroup = "g"\nhandler = "log"\nmax_deliveries = 0\n', "max_deliveries"),
+            ('[[consumers]]\nname = "a"\ngroup = "g"\nhandler = "log"\n'
+             '[[consumers]]\nname = "a"\ngroup = "h"\nhandler = "log"\n', "used twice"),
+            ('consumers = "x"\n', "[[consumers]]"),
+        ]
+        for text, contains in cases:
+            with self.assertRaises(ConfigError) as cm:
+                self.load(text)
+            self.assertIn(contains, str(cm.exception))
+            self.assertIn("[[consumers]]", str(cm.exception))
+            self.assertNotIn("\n", str(cm.exception))
+
+    def test_consumers_role_needs_tables_and_cap_covers_length(self):
+        with self.assertRaises(ConfigError) as cm:
+            load_settings({"api_keys": KEYS, "roles": "ingest,consumers"}, env={})
+        self.assertIn("[[consumers]]", str(cm.exception))
+        with self.assertRaises(ConfigError) as cm:
+            load_settings({"api_keys": KEYS, "retention_max_length": "100", "retention_hard_cap": "10"}, env={})
+        self.assertEqual(cm.exception.option, "retention_hard_cap")
+
+    def test_retention_config(self):
+        s = load_settings({"api_keys": KEYS, "retention_max_age": "60", "dlq_max_length": "5"}, env={})
+        r = s.retention()
+        self.assertEqual((r.max_age, r.dlq_max_length, r.hard_cap), (60.0, 5, 0))
