@@ -19,7 +19,7 @@ Lag (entries in the stream that the group has not been delivered yet):
   the whole length if it is before the first entry, otherwise by counting ids with ``XRANGE
   (<last-delivered-id> +`` in chunks; if that side has more than ``max_scan`` entries we count
   the other side (``XREVRANGE <last-delivered-id> -``) and subtract from ``XLEN``.  Cost: reads
-  at most ``2 * max_scan`` entries (bodies included, Redis has no id-only range) in chunks of
+  at most ``2 * (max_scan + 1)`` entries (bodies included, Redis has no id-only range) in chunks of
   ``chunk``; when both sides exceed ``max_scan`` the lag is **unknown** (``None``), never a
   guess.  The commands are not one atomic snapshot, so appends during the count can make it
   differ from an instant value by the number of concurrent appends.
@@ -135,7 +135,9 @@ class PartitionFacts:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (the ``payflux stream info --json`` contract)."""
-        return attrs.asdict(self, recurse=True, retain_collection_types=False)
+        out = attrs.asdict(self)
+        out["groups"] = list(out["groups"])
+        return out
 
 
 def count_after_steps(stream: str, after_id: str, length: int, first_id: str | None, last_id: str | None,
@@ -151,17 +153,19 @@ def count_after_steps(stream: str, after_id: str, length: int, first_id: str | N
     forward = 0
     start = "(" + format_id(after)
     while forward <= max_scan:
-        entries = yield ("XRANGE", stream, start, "+", "COUNT", chunk)
+        count = min(chunk, max_scan + 1 - forward)
+        entries = yield ("XRANGE", stream, start, "+", "COUNT", count)
         forward += len(entries)
-        if len(entries) < chunk:
+        if len(entries) < count:
             return forward
         start = "(" + entry_id(entries[-1])
     backward = 0
     end = format_id(after)
     while backward <= max_scan:
-        entries = yield ("XREVRANGE", stream, end, "-", "COUNT", chunk)
+        count = min(chunk, max_scan + 1 - backward)
+        entries = yield ("XREVRANGE", stream, end, "-", "COUNT", count)
         backward += len(entries)
-        if len(entries) < chunk:
+        if len(entries) < count:
             return max(0, length - backward)
         end = "(" + entry_id(entries[-1])
     return None
