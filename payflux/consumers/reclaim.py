@@ -1,0 +1,305 @@
+"""
+ReclaimService: redeliver entries left pending too long, dead-letter the hopeless ones.
+
+Every ``config.reclaim_interval`` seconds (a LoopingCall on the injected reactor), one pass
+over every partition: ``XAUTOCLAIM <events> <group> <this consumer> <min_idle_ms> <cursor>
+COUNT <reclaim_count>`` from ``0-0`` until Redis returns the cursor ``0-0``.  For each call:
+
+- Entries whose stream entry was deleted (XDEL or trimming) can never be delivered: they are
+  counted in ``deleted_pending`` (lost).  Redis 6.2 returns them as nil in the entry list and
+  keeps them pending (now on this consumer), so we find and XACK them; Redis 7.x removes them
+  from the pending list itself and lists their ids in a third reply element.
+- The delivery count of every claimed entry comes from XPENDING (XAUTOCLAIM has already
+  incremented it for this claim).  "After max_deliveries": an entry whose count is now
+  ``> max_deliveries`` has been handed out ``max_deliveries`` times already; it is moved to
+  ``keys.dlq(p)`` by one Lua call (XADD to the DLQ + XACK of the original, only if it is still
+  pending in the group) instead of being delivered again.  So a handler that always fails sees
+  an entry exactly ``max_deliveries`` times.  The original entry is never XDELed.
+- The other claimed entries go to the handler as one batch (``reclaimed``); completed ones
+  are acked, failed ones stay pending for the next pass.
+
+Optional idle-consumer cleanup (``idle_consumer_cleanup_ms > 0``): consumers idle longer than
+that are deleted only if they own no pending entry, checked atomically in Lua; consumers with
+pending entries are left alone until reclaim has taken their entries.
+
+``min_idle_ms`` must exceed the longest a handler may take on a batch, or entries still being
+handled are redelivered elsewhere (at-least-once allows that; it costs duplicates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from payflux.consumers.config import ConsumerConfig
+from payflux.consumers.handlers import run_handler
+from payflux.consumers.service import ack, is_error, remember_errors
+from payflux.observability.metrics import ConsumerMetrics
+from payflux.streams.keys import StreamKeys
+
+log = Logger()
+
+# KEYS[1] = events stream, KEYS[2] = DLQ stream.
+# ARGV = group, stream id, consumer, error_class, error_message.
+# Returns 1 (moved), 0 (not pending in the group any more: someone acked it; nothing done),
+# -1 (pending but the stream entry is gone: acked, nothing written).
+DEAD_LETTER_SCRIPT = r"""
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 then return 0 end
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #e == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return -1
+end
+local t = redis.call('TIME')
+local now_ms = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local f = {'original_id', ARGV[2], 'group', ARGV[1], 'consumer', ARGV[3],
+           'deliveries', tostring(tonumber(p[1][4]) - 1), 'error_class', ARGV[4], 'error_message', ARGV[5],
+           'dead_lettered_at', now_ms, 'source_stream', KEYS[1]}
+local orig = e[1][2]
+for i = 1, #orig do f[#f + 1] = orig[i] end
+redis.call('XADD', KEYS[2], '*', unpack(f))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+DEAD_LETTER_SHA = hashlib.sha1(DEAD_LETTER_SCRIPT.encode("utf-8")).hexdigest()
+
+# KEYS[1] = events stream; ARGV = group, consumer.  Deletes the consumer only if it owns no
+# pending entry (DELCONSUMER would drop them from the group: never redelivered).
+DELETE_IDLE_CONSUMER_SCRIPT = r"""
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+DELETE_IDLE_CONSUMER_SHA = hashlib.sha1(DELETE_IDLE_CONSUMER_SCRIPT.encode("utf-8")).hexdigest()
+
+NO_ERROR = ("DeliveryLimitExceeded", "no handler error recorded (the consumer stopped or crashed while handling it)")
+
+
+def evalsha(redis: Any, script: str, sha: str, keys: list[str], args: list[Any]) -> defer.Deferred:
+    """EVALSHA, loading the script once on NOSCRIPT (after a Redis restart or SCRIPT FLUSH)."""
+
+    def reload(failure: Failure) -> Any:
+        if not is_error(failure, "NOSCRIPT"):
+            return failure
+        d = redis.execute_command("SCRIPT", "LOAD", script)
+        d.addCallback(lambda _: redis.execute_command("EVALSHA", sha, len(keys), *keys, *args))
+        return d
+
+    return redis.execute_command("EVALSHA", sha, len(keys), *keys, *args).addErrback(reload)
+
+
+class ReclaimService(Service):
+    """See the module docstring; ``reclaim_once()`` is one full pass (what the LoopingCall runs)."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        handler: Any,
+        redis: Any,
+        keys: StreamKeys,
+        partitions: int,
+        metrics: ConsumerMetrics,
+        reactor: Any,
+        consumer_name: str,
+        last_errors: dict,
+        ready: Callable[[], defer.Deferred] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = f"reclaim:{config.name}"
+        self.handler = handler
+        self.redis = redis
+        self.keys = keys
+        self.partitions = partitions
+        self.reactor = reactor
+        self.consumer_name = consumer_name
+        self.last_errors = last_errors
+        self.ready = ready
+        labels = dict(consumer=config.name, group=config.group)
+        self.metrics = metrics
+        self.m_reclaimed = metrics.reclaimed.labels(**labels)
+        self.m_deleted = metrics.deleted_pending.labels(**labels)
+        self.m_processed = metrics.processed.labels(**labels)
+        self.m_failed = metrics.failed.labels(**labels)
+        self.m_acked = metrics.acked.labels(**labels)
+        self.m_latency = metrics.handler_latency.labels(**labels)
+        self.m_batch = metrics.batch_size.labels(**labels)
+        self.m_errors = metrics.read_errors.labels(**labels)
+        self._loop: task.LoopingCall | None = None
+        self._done: defer.Deferred | None = None
+        self._pass: defer.Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.reactor
+        d = self.ready() if self.ready is not None else defer.succeed(None)
+
+        def start(_: Any) -> None:
+            if self.running and self._loop is not None:
+                self._done = self._loop.start(self.config.reclaim_interval, now=False)
+
+        d.addCallback(start)
+        d.addErrback(lambda f: log.failure("reclaim {consumer}: not started", f, consumer=self.config.name))
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        # let a running pass finish its current step; its handler batch is bounded by the caller's grace
+        return self._pass if self._pass is not None and not self._pass.called else defer.succeed(None)
+
+    def _tick(self) -> defer.Deferred:
+        # errors never end the LoopingCall: they are logged and the next tick tries again
+        d = self.reclaim_once()
+        d.addErrback(self._step_failed, "reclaim pass")
+        return d
+
+    def _step_failed(self, failure: Failure, what: str) -> None:
+        self.m_errors.inc()
+        log.failure("reclaim {consumer}: {what} failed", failure, consumer=self.config.name, what=what)
+
+    def reclaim_once(self) -> defer.Deferred:
+        """One pass over every partition; fires with a dict of counts (reclaimed, dead_lettered, deleted)."""
+        d = defer.ensureDeferred(self._reclaim_once())
+        self._pass = d
+        return d
+
+    async def _reclaim_once(self) -> dict[str, int]:
+        totals = {"reclaimed": 0, "dead_lettered": 0, "deleted": 0, "calls": 0}
+        for p in range(self.partitions):
+            try:
+                await self._partition(p, totals)
+                if self.config.idle_consumer_cleanup_ms > 0:
+                    await self._cleanup_idle_consumers(p)
+            except Exception:
+                failure = Failure()
+                if is_error(failure, "NOGROUP"):
+                    continue  # the reader recreates the group; nothing can be pending in it
+                self._step_failed(failure, f"partition {p}")
+        return totals
+
+    async def _partition(self, p: int, totals: dict[str, int]) -> None:
+        key = self.keys.events(p)
+        group = self.config.group
+        cursor = "0-0"
+        while True:
+            reply = await self.redis.execute_command(
+                "XAUTOCLAIM", key, group, self.consumer_name, str(self.config.min_idle_ms), cursor,
+                "COUNT", str(self.config.reclaim_count),
+            )
+            totals["calls"] += 1
+            next_cursor, entries = reply[0], reply[1] or []
+            claimed = [e for e in entries if e is not None and e[1] is not None]
+            lost = len(reply[2]) if len(reply) > 2 and reply[2] else 0  # 7.x: already out of the PEL
+            if len(claimed) < len(entries):
+                # 6.2: deleted entries come back as nil (without id) and are now pending on us
+                lost += await self._ack_deleted_62(key, cursor, next_cursor, {e[0] for e in claimed}, entries)
+            if lost:
+                self.m_deleted.inc(lost)
+                totals["deleted"] += lost
+                log.warn("reclaim {consumer}: {count} pending entries of {stream} were deleted before being "
+                         "handled (lost)", consumer=self.config.name, count=lost, stream=key)
+            if claimed:
+                await self._handle_claimed(p, key, claimed, totals)
+            if next_cursor == "0-0":
+                return
+            cursor = next_cursor
+
+    async def _ack_deleted_62(self, key: str, start: str, end: str, claimed: set[str], entries: list) -> int:
+        stop = "+" if end == "0-0" else "(" + end
+        rows = await self.redis.execute_command(
+            "XPENDING", key, self.config.group, start, stop, str(len(entries) + 10_000), self.consumer_name
+        )
+        gone = []
+        for row in rows:
+            if row[0] not in claimed and not await self.redis.execute_command("XRANGE", key, row[0], row[0]):
+                gone.append(row[0])
+        if gone:
+            await ack(self.redis, self.keys, self.config.group, {self._partition_of(key): gone})
+        return len(gone)
+
+    def _partition_of(self, key: str) -> int:
+        return next(p for p in range(self.partitions) if self.keys.events(p) == key)
+
+    async def _deliveries(self, key: str, claimed: list) -> dict[str, int]:
+        """XPENDING delivery counts of ``claimed`` (one range call, per-id calls for any it missed)."""
+        first, last = claimed[0][0], claimed[-1][0]
+        rows = await self.redis.execute_command(
+            "XPENDING", key, self.config.group, first, last, str(len(claimed) + 1000), self.consumer_name
+        )
+        counts = {row[0]: int(row[3]) for row in rows}
+        for stream_id, _ in claimed:
+            if stream_id not in counts:
+                one = await self.redis.execute_command("XPENDING", key, self.config.group, stream_id, stream_id, "1")
+                if one:
+                    counts[stream_id] = int(one[0][3])
+        return counts
+
+    async def _handle_claimed(self, p: int, key: str, claimed: list, totals: dict[str, int]) -> None:
+        counts = await self._deliveries(key, claimed)
+        deliver = []
+        for stream_id, fields in claimed:
+            n = counts.get(stream_id)
+            if n is None:
+                continue  # acked by someone since the claim: nothing to do
+            if n > self.config.max_deliveries:
+                if await self.dead_letter(p, stream_id):
+                    totals["dead_lettered"] += 1
+            else:
+                deliver.append((stream_id, p, fields, n))
+        if not deliver:
+            return
+        self.m_reclaimed.inc(len(deliver))
+        totals["reclaimed"] += len(deliver)
+        self.m_batch.observe(len(deliver))
+        outcome = await run_handler(self.handler, deliver)
+        if outcome.seconds:
+            self.m_latency.observe(outcome.seconds)
+        if outcome.failed:
+            self.m_failed.inc(len(outcome.failed))
+            remember_errors(self.last_errors, outcome.failed)
+        if outcome.done:
+            self.m_processed.inc(len(outcome.done))
+            done = [i for _, i in outcome.done]
+            self.m_acked.inc(await ack(self.redis, self.keys, self.config.group, {p: done}))
+
+    async def dead_letter(self, p: int, stream_id: str) -> bool:
+        """Move ``stream_id`` of partition ``p`` to the DLQ (one Lua call); False if it wasn't pending."""
+        error_class, message = self.last_errors.get((p, stream_id), NO_ERROR)
+        result = int(await evalsha(
+            self.redis, DEAD_LETTER_SCRIPT, DEAD_LETTER_SHA, [self.keys.events(p), self.keys.dlq(p)],
+            [self.config.group, stream_id, self.consumer_name, error_class, message],
+        ))
+        if result == 1:
+            self.last_errors.pop((p, stream_id), None)
+            self.metrics.dead_lettered.labels(
+                consumer=self.config.name, group=self.config.group, error_class=error_class
+            ).inc()
+            log.warn("reclaim {consumer}: {stream_id} dead-lettered after {max} deliveries ({error_class})",
+                     consumer=self.config.name, stream_id=stream_id, max=self.config.max_deliveries,
+                     error_class=error_class)
+        elif result == -1:
+            self.m_deleted.inc()
+        return result == 1
+
+    async def _cleanup_idle_consumers(self, p: int) -> None:
+        key = self.keys.events(p)
+        rows = await self.redis.execute_command("XINFO", "CONSUMERS", key, self.config.group)
+        for row in rows:
+            info = dict(zip(row[::2], row[1::2]))
+            name = info.get("name")
+            if name == self.consumer_name or int(info.get("pending", 1)) > 0:
+                continue
+            if int(info.get("idle", 0)) <= self.config.idle_consumer_cleanup_ms:
+                continue
+            deleted = await evalsha(self.redis, DELETE_IDLE_CONSUMER_SCRIPT, DELETE_IDLE_CONSUMER_SHA,
+                                    [key], [self.config.group, name])
+            if int(deleted) == 0:
+                log.info("reclaim {consumer}: removed idle consumer {name} from {stream}",
+                         consumer=self.config.name, name=name, stream=key)
