@@ -5,6 +5,15 @@ The ``payflux`` operator command.
   (file < env < options) and print them with secrets redacted; exit 2 on the first bad option.
 - ``payflux send``: post a sample event, N generated events, or a file of events (NDJSON, or a
   JSON array) to a running node and print each response.
+- ``payflux stream info``: per partition: length, first/last id, groups (consumers, pending, lag,
+  oldest pending age) and DLQ depth.
+- ``payflux dlq list|replay|purge``: inspect, re-append or delete dead letters.
+
+The Redis commands take ``--redis-url``, ``--stream-prefix``, ``--partitions`` and ``--data-dir``,
+defaulting from the daemon's settings (``--config`` TOML file, ``PAYFLUX_*`` env); with no Redis
+URL configured they use the embedded Redis socket ``<data_dir>/redis.sock``.  People get
+tables, scripts get ``--json``; every failure is one line on stderr and a non-zero exit
+(1 = Redis failed or refused, 2 = bad usage or configuration).
 """
 
 from __future__ import annotations
@@ -14,10 +23,11 @@ import json
 import os
 import secrets
 import sys
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Any, NoReturn, Sequence
 
 from twisted.python import usage
 
@@ -159,15 +169,223 @@ def _send(argv: Sequence[str]) -> int:
     return 0 if all(200 <= s < 300 for s in statuses) else 1
 
 
-COMMANDS = {"check-config": _check_config, "send": _send}
+class CommandError(Exception):
+    """One line for stderr and the exit status of a failed operator command."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        raise CommandError(f"{message} (see {self.prog} --help)", 2)
+
+
+def _redis_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--config", help="TOML settings file (default: $PAYFLUX_CONFIG)")
+    parser.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL (default: settings, "
+                                            "else the embedded Redis at <data_dir>/redis.sock)")
+    parser.add_argument("--data-dir", help="data directory of the embedded Redis (default: settings)")
+    parser.add_argument("--stream-prefix", help="key prefix (default: settings)")
+    parser.add_argument("--partitions", help="number of partitions (default: settings)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Redis")
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """(SyncRedis, StreamKeys, partitions) from the options and the daemon's settings loader."""
+    from payflux.config import ConfigError, load_settings
+    from payflux.streams.keys import StreamKeys
+    from payflux.streams.syncredis import SyncRedis
+
+    # The CLI never authenticates producers: insecure_dev_mode only lifts the daemon's
+    # "ingest needs API keys" check so an operator box without keys can use the CLI.
+    overrides = {"redis_url": args.redis_url, "data_dir": args.data_dir, "stream_prefix": args.stream_prefix,
+                 "partitions": args.partitions, "insecure_dev_mode": True}
+    try:
+        settings = load_settings(cli=overrides, config_path=args.config)
+    except ConfigError as e:
+        raise CommandError(str(e), 2) from None
+    url = settings.redis_url
+    if url is None:
+        socket_path = os.path.join(os.path.abspath(settings.data_dir), "redis.sock")
+        if not os.path.exists(socket_path):
+            raise CommandError(f"no Redis URL configured and no embedded Redis socket at {socket_path} "
+                               "(is the node running with this --data-dir? or pass --redis-url)")
+        url = f"unix://{socket_path}"
+    return SyncRedis.from_url(url, timeout=args.timeout), StreamKeys(settings.stream_prefix), settings.partitions
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _table(rows: list[list[str]], indent: str = "") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _stream(argv: Sequence[str]) -> int:
+    from payflux.consumers.inspect import partition_steps, run_sync
+
+    parser = _redis_parser("payflux stream", "Show streams, consumer groups and dead letters.")
+    parser.add_argument("action", choices=["info"])
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args = parser.parse_args(list(argv))
+    redis, keys, partitions = _connect(args)
+    with redis:
+        now = time.time()
+        facts = [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
+    if args.json:
+        print(json.dumps({"partitions": [f.as_dict() for f in facts]}, indent=2))
+        return 0
+    for f in facts:
+        print(f"partition {f.partition}  {f.stream}")
+        print(f"  length {f.length}   first {f.first_id or '-'}   last {f.last_id or '-'}   "
+              f"dead letters {f.dlq_depth} ({f.dlq})")
+        if not f.groups:
+            print("  no consumer groups")
+            continue
+        rows = [["group", "consumers", "pending", "lag", "last delivered", "oldest pending age"]]
+        for g in f.groups:
+            lag = "unknown" if g.lag is None else str(g.lag)
+            rows.append([g.name, str(g.consumers), str(g.pending), lag, g.last_delivered_id,
+                         _age(g.oldest_pending_age)])
+        print("\n".join(_table(rows, "  ")))
+    return 0
+
+
+def _dlq_list(args: argparse.Namespace, redis: Any, keys: Any, partitions: int) -> int:
+    from payflux.consumers.dlq import dlq_depths, list_dead_letters
+
+    letters = list_dead_letters(redis, keys, partitions, args.limit)
+    total = sum(dlq_depths(redis, keys, partitions).values())
+    if args.json:
+        print(json.dumps({"total": total, "dead_letters": [d.as_dict() for d in letters]}, indent=2))
+        return 0
+    if not letters:
+        print("no dead letters")
+        return 0
+    rows = [["partition", "dlq id", "original id", "group", "deliveries", "dead-lettered at", "event id", "error"]]
+    for d in letters:
+        when = "-" if d.dead_lettered_at is None else datetime.fromtimestamp(
+            d.dead_lettered_at / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        error = f"{d.error_class or '?'}: {d.error_message or ''}".replace("\n", " ")
+        rows.append([str(d.partition), d.id, d.original_id or "-", d.group or "-",
+                     "-" if d.deliveries is None else str(d.deliveries), when, d.event_id or "-",
+                     error if len(error) <= 60 else error[:57] + "..."])
+    print("\n".join(_table(rows)))
+    print(f"{len(letters)} of {total} dead letters shown")
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace, redis: Any, keys: Any, partitions: int) -> int:
+    from payflux.consumers.dlq import replay
+
+
+    def progress(done: int, total: int) -> None:
+        print(f"replayed {done}/{total}", file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    try:
+        result = replay(redis, keys, partitions, ids=args.id or None, all=args.all, progress=progress,
+                        partition=args.partition)
+    except ValueError as e:
+        raise CommandError(str(e), 2) from None
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for p, dlq_id, new_id in result.replayed[:20] if args.all else result.replayed:
+            print(f"replayed {dlq_id} (partition {p}) as {new_id}")
+        for p, dlq_id, reason in result.skipped:
+            print(f"skipped {dlq_id} (partition {p}): {reason}")
+        for dlq_id in result.missing:
+            print(f"not found {dlq_id}")
+        print(f"{len(result.replayed)} replayed, {len(result.skipped)} skipped, {len(result.missing)} not found")
+    return 0 if not result.missing and not result.skipped else 1
+
+
+def _dlq_purge(args: argparse.Namespace, redis: Any, keys: Any, partitions: int) -> int:
+    from payflux.consumers.dlq import purge
+
+    counts = purge(redis, keys, partitions)
+    if args.json:
+        print(json.dumps({"purged": {str(p): n for p, n in counts.items()}, "total": sum(counts.values())}))
+    else:
+        print(f"purged {sum(counts.values())} dead letters from {partitions} partition(s)")
+    return 0
+
+
+def _dlq(argv: Sequence[str]) -> int:
+    parser = _redis_parser("payflux dlq", "List, replay or purge dead letters.")
+    parser.add_argument("action", choices=["list", "replay", "purge"])
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--limit", type=int, default=50, help="list: most entries shown (oldest first)")
+    parser.add_argument("--id", action="append", default=[], metavar="ID",
+                        help="replay: DLQ entry id (repeatable)")
+    parser.add_argument("--all", action="store_true", help="replay: every dead letter")
+    parser.add_argument("--partition", type=int, help="replay: only this partition's DLQ")
+    parser.add_argument("--yes", action="store_true", help="confirm replay --all / purge")
+    args = parser.parse_args(list(argv))
+    if args.action != "replay" and (args.id or args.all or args.partition is not None):
+        raise CommandError(f"--id, --all and --partition are options of replay, not {args.action}", 2)
+    if args.action == "list" and args.limit < 1:
+        raise CommandError("--limit must be at least 1", 2)
+    if args.action == "replay" and bool(args.id) == args.all:
+        raise CommandError("give --id ID (one or more) or --all", 2)
+    if args.action == "replay" and args.all and not args.yes:
+        raise CommandError("replaying every dead letter re-appends them all to the stream; add --yes", 2)
+    if args.action == "purge" and not args.yes:
+        raise CommandError("purge deletes every dead letter for good; add --yes", 2)
+    redis, keys, partitions = _connect(args)
+    with redis:
+        action = {"list": _dlq_list, "replay": _dlq_replay, "purge": _dlq_purge}[args.action]
+        return action(args, redis, keys, partitions)
+
+
+COMMANDS = {"check-config": _check_config, "send": _send, "stream": _stream, "dlq": _dlq}
+USAGE = ("usage: payflux {check-config,send,stream info,dlq list|replay|purge} [options]"
+         "  (payflux COMMAND --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from payflux.streams.syncredis import RedisConnectionError, RedisReplyError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        sys.stderr.write("usage: payflux {check-config,send} [options]  (payflux COMMAND --help)\n")
+        sys.stderr.write(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    prog = f"payflux {argv[0]}"
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except CommandError as e:
+        sys.stderr.write(f"{prog}: {e}\n")
+        return e.status
+    except RedisConnectionError as e:
+        sys.stderr.write(f"{prog}: {e}\n")
+        return 1
+    except RedisReplyError as e:
+        sys.stderr.write(f"{prog}: Redis refused: {e}\n")
+        return 1
+    except ValueError as e:  # bad URL, bad id, a key of the wrong type
+        sys.stderr.write(f"{prog}: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+    except Exception as e:  # still one line, never a traceback, for the operator
+        sys.stderr.write(f"{prog}: unexpected error {type(e).__name__}: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import task
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
 
 from payflux.consumers.config import RetentionConfig
@@ -178,6 +178,20 @@ class TrimMixin:
         yield svc._pass
         self.assertEqual(stream_ids(self.server, STREAM)[0], "1080000-0")
         yield svc.stopService()
+
+    @inlineCallbacks
+    def test_first_pass_waits_for_ready(self):
+        add_entries(self.server, STREAM, range(1000, 1010))
+        ready = Deferred()
+        svc = self.service(max_length=2)
+        svc.ready = lambda: ready
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.clock.advance(100)
+        self.assertIsNone(svc._pass)
+        ready.callback(None)
+        yield svc._pass
+        self.assertEqual(len(stream_ids(self.server, STREAM)), 2)
 
     @inlineCallbacks
     def test_errors_are_logged_and_the_loop_goes_on(self):

@@ -18,7 +18,7 @@ logged; the loop goes on.
 
 from __future__ import annotations
 
-from typing import Any, Generator
+from typing import Any, Callable, Generator, Union
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -29,6 +29,9 @@ from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
 
 log = Logger()
+
+# a Deferred, or a callable returning one (e.g. a pool's whenConnected), fired when Redis answers
+ReadyArg = Union[defer.Deferred, Callable[[], defer.Deferred], None]
 
 
 def _remove(gauge: Any, *labels: str) -> None:
@@ -42,7 +45,7 @@ class GroupStatsSampler(Service):
     """Fills the consumer-group gauges of ``metrics`` every ``interval`` seconds (see module doc)."""
 
     def __init__(self, redis: Any, keys: StreamKeys, partitions: int, metrics: ConsumerMetrics, reactor: Any,
-                 interval: float = 5.0, ready: defer.Deferred | None = None, max_scan: int = 10_000) -> None:
+                 interval: float = 5.0, ready: ReadyArg = None, max_scan: int = 10_000) -> None:
         self.redis = redis
         self.keys = keys
         self.partitions = partitions
@@ -61,13 +64,15 @@ class GroupStatsSampler(Service):
         self._loop.clock = self.reactor
         if self.ready is None:
             self._loop.start(self.interval, now=True)
-        else:
-            self.ready.addCallback(self._start_loop)
+            return
+        ready = self.ready() if callable(self.ready) else self.ready
+        ready.addCallback(self._start_loop)
+        ready.addErrback(lambda f: log.failure("not starting {what}: Redis never became ready", f,
+                                               what=type(self).__name__))
 
-    def _start_loop(self, result: Any) -> Any:
+    def _start_loop(self, result: Any) -> None:
         if self.running and self._loop is not None and not self._loop.running:
             self._loop.start(self.interval, now=True)
-        return result
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

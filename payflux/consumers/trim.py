@@ -26,12 +26,13 @@ pass every ``retention.interval`` seconds on the injected reactor and, per parti
 ``payflux_stream_trimmed{partition}`` counts every event-stream entry removed (age, length and
 hard cap).  An error in a pass is logged with ``log.failure`` and the loop keeps running.  Time
 comes from ``reactor.seconds()`` (interval and age cut-off), so tests drive both with a Clock.
+``retention.interval <= 0`` disables the loop (``trim_once`` still works when called).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Generator, Sequence
+from typing import Any, Callable, Generator, Sequence, Union
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -43,6 +44,9 @@ from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
 
 log = Logger()
+
+# a Deferred, or a callable returning one (e.g. a pool's whenConnected), fired when Redis answers
+ReadyArg = Union[defer.Deferred, Callable[[], defer.Deferred], None]
 
 # Lua helpers: ids compared as (ms, seq) decimal strings without float rounding.
 _LUA_IDS = r"""
@@ -141,15 +145,15 @@ class TrimService(Service):
     Trims every partition's stream and DLQ once per ``retention.interval`` (see module doc).
 
     ``redis`` is a txredisapi handler; ``reactor`` provides ``seconds()`` and ``callLater``
-    (a Clock in tests); ``ready``, when given, is a Deferred the first pass waits for (e.g. the
-    embedded Redis answering).  ``trim_once()`` never fails: errors are logged.
+    (a Clock in tests); ``ready``, when given, is a Deferred, or a callable returning one (e.g. a
+    pool's ``whenConnected``), that the first pass waits for.  ``trim_once()`` never fails: errors are logged.
     """
 
     hard_cap_chunk = 1000      # entries counted+removed per hard-cap Lua call (bounds script time)
     length_scan_limit = 100_000  # entries read per pass to find the max_length trim point
 
     def __init__(self, retention: RetentionConfig, redis: Any, keys: StreamKeys, partitions: int,
-                 metrics: ConsumerMetrics, reactor: Any, ready: defer.Deferred | None = None) -> None:
+                 metrics: ConsumerMetrics, reactor: Any, ready: ReadyArg = None) -> None:
         self.retention = retention
         self.redis = redis
         self.keys = keys
@@ -162,17 +166,22 @@ class TrimService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.retention.interval <= 0:
+            log.info("retention trimming disabled (interval {interval})", interval=self.retention.interval)
+            return
         self._loop = task.LoopingCall(self._run_pass)
         self._loop.clock = self.reactor
         if self.ready is None:
             self._loop.start(self.retention.interval, now=True)
-        else:
-            self.ready.addCallback(self._start_loop)
+            return
+        ready = self.ready() if callable(self.ready) else self.ready
+        ready.addCallback(self._start_loop)
+        ready.addErrback(lambda f: log.failure("not starting {what}: Redis never became ready", f,
+                                               what=type(self).__name__))
 
-    def _start_loop(self, result: Any) -> Any:
+    def _start_loop(self, result: Any) -> None:
         if self.running and self._loop is not None and not self._loop.running:
             self._loop.start(self.retention.interval, now=True)
-        return result
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

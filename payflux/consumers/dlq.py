@@ -1,0 +1,234 @@
+"""
+Dead-letter tools for the operator CLI: list, replay, purge (blocking, over SyncRedis).
+
+A DLQ entry (``<prefix>:{p}:dlq``, written by the reclaim loop; docs/stream-format.md,
+"Dead-letter records") holds ``original_id, group, consumer, deliveries, error_class,
+error_message, dead_lettered_at, source_stream`` followed by the original entry's fields
+``v, event_id, type, received_at, data``.
+
+Replay is one Lua call per batch of DLQ ids (``REPLAY_SCRIPT``): for each id still in the DLQ
+it ``XADD``s the original fields, in stream-format order, to the partition's event stream
+(a **new** stream id: every group sees it again as a new entry) and ``XDEL``s the DLQ entry, in
+the same atomic step.  An id no longer in the DLQ is a no-op (``missing``), so running a replay
+twice, or two operators at once, never duplicates an event.  An entry whose ``source_stream``
+isn't this partition's event stream, or that lacks an original field, is left in place
+(``skipped``) and reported.  Ids are DLQ stream ids, looked up in every partition unless a
+partition is given (two partitions' DLQs can hold the same id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Iterable, Sequence
+
+import attrs
+
+from payflux.consumers.inspect import pairs, parse_id, text
+from payflux.streams.keys import StreamKeys
+
+ORIGINAL_FIELDS = ("v", "event_id", "type", "received_at", "data")
+
+# KEYS[1] = DLQ stream, KEYS[2] = the partition's event stream; ARGV = DLQ ids.
+# Returns one reply per id: the new stream id, or 'missing', or 'skipped:<reason>'.
+REPLAY_SCRIPT = r"""
+local names = {'v', 'event_id', 'type', 'received_at', 'data'}
+local out = {}
+for i, id in ipairs(ARGV) do
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if #e == 0 then
+    out[i] = 'missing'
+  else
+    local f = {}
+    local raw = e[1][2]
+    for j = 1, #raw, 2 do f[raw[j]] = raw[j + 1] end
+    if f['source_stream'] and f['source_stream'] ~= KEYS[2] then
+      out[i] = 'skipped:source_stream is ' .. f['source_stream']
+    else
+      local args = {}
+      local bad = nil
+      for _, name in ipairs(names) do
+        if f[name] == nil then bad = name break end
+        args[#args + 1] = name
+        args[#args + 1] = f[name]
+      end
+      if bad then
+        out[i] = 'skipped:no field ' .. bad
+      else
+        out[i] = redis.call('XADD', KEYS[2], '*', unpack(args))
+        redis.call('XDEL', KEYS[1], id)
+      end
+    end
+  end
+end
+return out
+"""
+REPLAY_SHA = hashlib.sha1(REPLAY_SCRIPT.encode("utf-8")).hexdigest()
+
+PURGE_SCRIPT = r"""
+local n = redis.call('XLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+return n
+"""
+PURGE_SHA = hashlib.sha1(PURGE_SCRIPT.encode("utf-8")).hexdigest()
+
+
+@attrs.frozen
+class DeadLetter:
+    """One DLQ entry as the CLI shows it; ``fields`` keeps every raw field."""
+
+    partition: int
+    id: str
+    original_id: str | None
+    group: str | None
+    consumer: str | None
+    deliveries: int | None
+    error_class: str | None
+    error_message: str | None
+    dead_lettered_at: int | None  # epoch ms
+    source_stream: str | None
+    event_id: str | None
+    type: str | None
+    fields: dict[str, Any] = attrs.field(eq=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def dead_letter_from_entry(partition: int, entry: Sequence[Any]) -> DeadLetter:
+    """An ``XRANGE`` entry of a DLQ stream -> :class:`DeadLetter` (missing fields -> None)."""
+    f = {k: text(v) for k, v in pairs(entry[1]).items()}
+    return DeadLetter(
+        partition=partition, id=text(entry[0]), original_id=f.get("original_id"), group=f.get("group"),
+        consumer=f.get("consumer"), deliveries=_int(f.get("deliveries")), error_class=f.get("error_class"),
+        error_message=f.get("error_message"), dead_lettered_at=_int(f.get("dead_lettered_at")),
+        source_stream=f.get("source_stream"), event_id=f.get("event_id"), type=f.get("type"), fields=f,
+    )
+
+
+def check_ids(ids: Iterable[str]) -> list[str]:
+    """Validate DLQ ids (``<ms>-<seq>``); ValueError names the first bad one."""
+    out = []
+    for i in ids:
+        try:
+            ms, seq = parse_id(i)
+        except ValueError:
+            raise ValueError(f"not a stream id: {i!r} (expected <ms>-<seq>, e.g. 1700000000000-0)") from None
+        if "-" not in i:
+            raise ValueError(f"not a full stream id: {i!r} (expected <ms>-<seq>)")
+        out.append(f"{ms}-{seq}")
+    return out
+
+
+def _partitions(partitions: int, only: int | None) -> range:
+    if only is None:
+        return range(partitions)
+    if not 0 <= only < partitions:
+        raise ValueError(f"partition {only} does not exist (partitions: {partitions})")
+    return range(only, only + 1)
+
+
+def dlq_depths(sync_redis: Any, keys: StreamKeys, partitions: int) -> dict[int, int]:
+    """``{partition: XLEN of its DLQ}``."""
+    return {p: int(sync_redis.command("XLEN", keys.dlq(p))) for p in range(partitions)}
+
+
+def list_dead_letters(sync_redis: Any, keys: StreamKeys, partitions: int, limit: int = 50) -> list[DeadLetter]:
+    """The oldest ``limit`` dead letters over all partitions (oldest first by DLQ id)."""
+    found: list[DeadLetter] = []
+    for p in range(partitions):
+        for entry in sync_redis.command("XRANGE", keys.dlq(p), "-", "+", "COUNT", limit):
+            found.append(dead_letter_from_entry(p, entry))
+    found.sort(key=lambda d: (parse_id(d.id), d.partition))
+    return found[:limit]
+
+
+@attrs.define
+class ReplayResult:
+    replayed: list[tuple[int, str, str]] = attrs.field(factory=list)  # (partition, dlq id, new stream id)
+    missing: list[str] = attrs.field(factory=list)                    # ids found in no DLQ
+    skipped: list[tuple[int, str, str]] = attrs.field(factory=list)   # (partition, dlq id, reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "replayed": [{"partition": p, "id": i, "new_id": n} for p, i, n in self.replayed],
+            "missing": list(self.missing),
+            "skipped": [{"partition": p, "id": i, "reason": r} for p, i, r in self.skipped],
+        }
+
+
+def _replay_batch(sync_redis: Any, keys: StreamKeys, p: int, ids: list[str], result: ReplayResult) -> set[str]:
+    """Replay ``ids`` of partition ``p``; returns the ids that were present (replayed or skipped)."""
+    replies = sync_redis.eval_script(REPLAY_SCRIPT, REPLAY_SHA, [keys.dlq(p), keys.events(p)], ids)
+    present = set()
+    for dlq_id, reply in zip(ids, replies):
+        reply = text(reply)
+        if reply == "missing":
+            continue
+        present.add(dlq_id)
+        if reply.startswith("skipped:"):
+            result.skipped.append((p, dlq_id, reply[len("skipped:"):]))
+        else:
+            result.replayed.append((p, dlq_id, reply))
+    return present
+
+
+def replay(sync_redis: Any, keys: StreamKeys, partitions: int, ids: Sequence[str] | None = None,
+           all: bool = False, progress: Callable[[int, int], None] | None = None,
+           partition: int | None = None, batch: int = 100, progress_every: int = 1000) -> ReplayResult:
+    """
+    Replay the given DLQ ``ids`` or, with ``all=True``, every dead letter (see module doc).
+
+    ``progress(done, total)`` is called after every ``progress_every`` entries handled and once
+    at the end (``total`` = DLQ entries when the replay began, or ``len(ids)``).  ValueError for
+    a bad id or partition, or when neither/both of ``ids`` and ``all`` are given.
+    """
+    if all == bool(ids):
+        raise ValueError("give either ids or all=True")
+    targets = _partitions(partitions, partition)
+    result = ReplayResult()
+    done = reported = 0
+
+    def tick(n: int, total: int) -> None:
+        nonlocal done, reported
+        done += n
+        if progress is not None and done - reported >= progress_every:
+            reported = done
+            progress(done, total)
+
+    if ids:
+        wanted = check_ids(ids)
+        total = len(wanted)
+        found: set[str] = set()
+        for i in range(0, len(wanted), batch):
+            chunk = wanted[i:i + batch]
+            for p in targets:
+                found |= _replay_batch(sync_redis, keys, p, chunk, result)
+            tick(len(chunk), total)
+        result.missing = [i for i in wanted if i not in found]
+    else:
+        total = sum(int(sync_redis.command("XLEN", keys.dlq(p))) for p in targets)
+        for p in targets:
+            start = "-"
+            while True:
+                entries = sync_redis.command("XRANGE", keys.dlq(p), start, "+", "COUNT", batch)
+                if not entries:
+                    break
+                chunk = [text(e[0]) for e in entries]
+                _replay_batch(sync_redis, keys, p, chunk, result)
+                tick(len(chunk), total)
+                start = "(" + chunk[-1]
+    if progress is not None and done != reported:
+        progress(done, total)
+    return result
+
+
+def purge(sync_redis: Any, keys: StreamKeys, partitions: int) -> dict[int, int]:
+    """Delete every partition's DLQ stream; ``{partition: entries deleted}`` (atomic per partition)."""
+    return {p: int(sync_redis.eval_script(PURGE_SCRIPT, PURGE_SHA, [keys.dlq(p)], [])) for p in range(partitions)}
