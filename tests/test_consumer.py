@@ -271,6 +271,20 @@ class ConsumerMixin(RedisFixture):
         self.assertEqual(list(self.pending()), [slow])
         self.assertTrue(self.blocking_opened[0]._factory.disconnectCalled)
 
+    async def test_docs_example_handler_runs(self):
+        self.create_group()
+        handler = load_handler("count_handler:CountHandler", {"label": "docs"}, reactor)
+        svc = self.service(handler)
+        ids = self.add(3)
+        no_amount = self.server.sync_command(
+            "XADD", KEYS.events(0), "*", "v", "1", "event_id", "z", "type", "refund", "received_at", "1",
+            "data", '{"event_id":"z"}').decode()
+        await wait_for(lambda: list(self.pending()) == [no_amount] and handler.counts["authorization"] == 3,
+                       what="example handled 3, failed 1")
+        self.assertEqual(svc.last_errors[(0, no_amount)], ("ValueError", "event has no amount"))
+        self.assertEqual(len(ids), 3)
+        await svc.stopService()
+
     async def test_stop_while_blocked_in_read_is_prompt(self):
         self.create_group()
         svc = self.service(RecordingHandler(), block_ms=5000)

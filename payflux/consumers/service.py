@@ -100,6 +100,44 @@ def create_group(redis: Any, keys: StreamKeys, partitions: int, group: str, star
     return defer.gatherResults(calls, consumeErrors=True).addErrback(_first_error)
 
 
+def open_read_connection(target: Any, block_ms: int, connect_timeout: float = 5.0) -> Any:
+    """
+    The dedicated connection for XREADGROUP BLOCK: one reconnecting txredisapi connection whose
+    reply timeout (BLOCK + 5 s) exceeds BLOCK.  With hiredis, replies are decoded to str by
+    hiredis itself instead of txredisapi's per-element Python walk (about 2x the read rate).
+    """
+    from payflux.streams.connection import connect
+
+    handler = connect(target, 1, connect_timeout, reply_timeout=block_ms / 1000 + 5)
+    factory = getattr(handler, "_factory", None)
+    if factory is not None and _DecodingProtocol is not None:
+        factory.protocol = _DecodingProtocol
+    return handler
+
+
+def _decoding_protocol() -> Any:
+    import txredisapi
+
+    if txredisapi.hiredis is None:
+        return None
+
+    class DecodingHiredisProtocol(txredisapi.HiredisProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._reader = txredisapi.hiredis.Reader(
+                protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError,
+                encoding="utf-8", errors="replace",
+            )
+
+        def tryConvertData(self, data: Any) -> Any:
+            return data  # already str (or int/None/list of those) from hiredis
+
+    return DecodingHiredisProtocol
+
+
+_DecodingProtocol = _decoding_protocol()
+
+
 class ConsumerService(Service):
     """See the module docstring; ``name`` of the twisted Service is the consumer config's name."""
 

@@ -20,7 +20,7 @@ from twisted.internet import reactor, task  # noqa: E402
 
 from payflux.consumers.config import ConsumerConfig  # noqa: E402
 from payflux.consumers.reclaim import ReclaimService  # noqa: E402
-from payflux.consumers.service import ConsumerService  # noqa: E402
+from payflux.consumers.service import ConsumerService, open_read_connection  # noqa: E402
 from payflux.observability.metrics import Metrics  # noqa: E402
 from payflux.streams.connection import connect, parse_redis_url  # noqa: E402
 from payflux.streams.keys import StreamKeys  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
     metrics = Metrics().consumers
     keys = StreamKeys("pf")
     handler = RecordingHandler(redis, record_key, delay)
-    consumer = ConsumerService(config, handler, redis, lambda: connect(target, 1, 1.0, 5.0), keys, 1, metrics, reactor)
+    consumer = ConsumerService(config, handler, redis, lambda: open_read_connection(target, config.block_ms, 1.0), keys, 1, metrics, reactor)
     reclaim = ReclaimService(config, handler, redis, keys, 1, metrics, reactor, name, consumer.last_errors)
     services = MultiService()
     consumer.setServiceParent(services)

@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor, task
 
 from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.handlers import EntriesFailed, Entry
+from payflux.consumers.service import open_read_connection
 from payflux.observability.metrics import Metrics
 from payflux.streams.connection import connect, parse_redis_url
 from payflux.streams.keys import StreamKeys
@@ -88,7 +89,7 @@ class RedisFixture:
         self.blocking_opened: list[Any] = []
 
     def open_blocking(self) -> Any:
-        conn = connect(self.target, poolsize=1, connect_timeout=1.0, reply_timeout=10.0)
+        conn = open_read_connection(self.target, block_ms=5000, connect_timeout=1.0)
         self.blocking_opened.append(conn)
         # the service disconnects it on stop; a second disconnect of a txredisapi pool raises
         self.addCleanup(lambda: None if conn._factory.disconnectCalled else conn.disconnect())  # type: ignore
