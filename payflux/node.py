@@ -3,18 +3,25 @@ Assembles one PayFlux node: a MultiService holding, in start order,
 
 1. the embedded redis-server (only when no ``redis_url`` is set),
 2. the Redis connection pool (connects once that Redis answers),
-3. the metrics side listener and the HTTP ingest listener,
+3. the metrics side listener and (role ``ingest``) the HTTP ingest listener,
 4. the drain guard (on stop: /ready and new ingests turn 503, in-flight appends finish),
-5. the stream sampler (XLEN per partition and a Redis probe, every ``stats_interval``).
+5. (role ``consumers``) a ConsumerService and a ReclaimService per configured consumer,
+6. the retention trimmer and the consumer-group sampler,
+7. the stream sampler (XLEN per partition and a Redis probe, every ``stats_interval``).
 
-MultiService stops children in reverse order, so on SIGTERM the node first drains, then closes
-its listeners, then its Redis connections, and stops the embedded Redis last.
+:class:`Node` stops children one at a time in reverse order, so on SIGTERM the node first stops
+its samplers and consumers (in-flight handlers finish and are acked), then drains ingest, then
+closes its listeners, then its Redis connections, and stops the embedded Redis last.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from typing import Any
+
+import attrs
 
 import txredisapi
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -25,6 +32,11 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from payflux.config import Settings
+from payflux.consumers.handlers import load_handler
+from payflux.consumers.reclaim import ReclaimService
+from payflux.consumers.service import ConsumerService, open_read_connection
+from payflux.consumers.stats import GroupStatsSampler
+from payflux.consumers.trim import TrimService
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.auth import Authenticator, RateLimiter
@@ -84,6 +96,7 @@ class RedisPool(Service):
         self._connect_timeout = connect_timeout
         self.handler: Any = None
         self.target: RedisTarget | None = None
+        self._waiting: list[Deferred] = []
 
     def startService(self) -> None:
         super().startService()
@@ -97,6 +110,17 @@ class RedisPool(Service):
         self.target = parse_redis_url(url)
         log.info("using Redis at {redis}", redis=self.target.redacted())
         self.handler = connect(self.target, self._poolsize, self._connect_timeout, self._reply_timeout)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.target)
+
+    def whenConnected(self) -> Deferred:
+        """Fires with the RedisTarget once the pool exists (immediately if it does)."""
+        if self.handler is not None:
+            return succeed(self.target)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
 
     def stopService(self):
         super().stopService()
@@ -153,6 +177,41 @@ def _sampler(pool: RedisPool, keys: StreamKeys, partitions: int, metrics: Metric
             log.debug("stream sample failed: {reason}", reason=str(e) or type(e).__name__)
 
     return sample
+
+
+def _add_consumers(node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor) -> None:
+    """One ConsumerService + ReclaimService per configured consumer, stopped before the pool."""
+    for config in settings.consumers:
+        name = config.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        config = attrs.evolve(config, consumer_name=name)
+        handler = load_handler(config.handler, config.options, reactor)
+        consumer = ConsumerService(
+            config,
+            handler,
+            pool,
+            lambda config=config: open_read_connection(pool.target, config.block_ms, settings.redis_timeout),
+            keys,
+            settings.partitions,
+            metrics.consumers,
+            reactor,
+            ready=pool.whenConnected,
+            grace=settings.shutdown_grace,
+        )
+        consumer.setServiceParent(node)
+        ReclaimService(
+            config,
+            handler,
+            pool,
+            keys,
+            settings.partitions,
+            metrics.consumers,
+            reactor,
+            consumer_name=name,
+            last_errors=consumer.last_errors,
+            ready=pool.whenConnected,
+        ).setServiceParent(node)
+        log.info("consumer {consumer} reads group {group} as {name} with handler {handler}",
+                 consumer=config.name, group=config.group, name=name, handler=config.handler)
 
 
 def _listener(reactor, description: str, factory) -> StreamServerEndpointService:
@@ -227,10 +286,23 @@ def build_node(settings: Settings, reactor) -> Node:
         side = SideApp(app)
         node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
         node.side_listener.setServiceParent(node)
-    site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject)
-    node.ingest_listener = _listener(reactor, settings.listen, site)
-    node.ingest_listener.setServiceParent(node)
-    DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
+    node.ingest_listener = None
+    if "ingest" in settings.roles:
+        site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject)
+        node.ingest_listener = _listener(reactor, settings.listen, site)
+        node.ingest_listener.setServiceParent(node)
+        DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
+
+    if "consumers" in settings.roles:
+        _add_consumers(node, settings, pool, keys, metrics, reactor)
+    if settings.retention_interval > 0:
+        TrimService(
+            settings.retention(), pool, keys, settings.partitions, metrics.consumers, reactor, ready=pool.whenConnected
+        ).setServiceParent(node)
+    GroupStatsSampler(
+        pool, keys, settings.partitions, metrics.consumers, reactor, interval=settings.stats_interval,
+        ready=pool.whenConnected,
+    ).setServiceParent(node)
 
     sampler = TimerService(
         settings.stats_interval,
