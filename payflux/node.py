@@ -16,8 +16,6 @@ closes its listeners, then its Redis connections, and stops the embedded Redis l
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from typing import Any
 
@@ -34,7 +32,7 @@ from twisted.logger import Logger
 from payflux.config import Settings
 from payflux.consumers.handlers import load_handler
 from payflux.consumers.reclaim import ReclaimService
-from payflux.consumers.service import ConsumerService, open_read_connection
+from payflux.consumers.service import ConsumerService, default_consumer_name, open_read_connection
 from payflux.consumers.stats import GroupStatsSampler
 from payflux.consumers.trim import TrimService
 from payflux.events import EventValidator, ValidationPolicy
@@ -179,12 +177,14 @@ def _sampler(pool: RedisPool, keys: StreamKeys, partitions: int, metrics: Metric
     return sample
 
 
-def _add_consumers(node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor) -> None:
+def _add_consumers(
+    node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor, handlers: dict
+) -> None:
     """One ConsumerService + ReclaimService per configured consumer, stopped before the pool."""
     for config in settings.consumers:
-        name = config.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        name = config.consumer_name or default_consumer_name()
         config = attrs.evolve(config, consumer_name=name)
-        handler = load_handler(config.handler, config.options, reactor)
+        handler = handlers.get(config.name) or load_handler(config.handler, config.options, reactor)
         consumer = ConsumerService(
             config,
             handler,
@@ -222,7 +222,8 @@ def _listener(reactor, description: str, factory) -> StreamServerEndpointService
     return service
 
 
-def build_node(settings: Settings, reactor) -> Node:
+def build_node(settings: Settings, reactor, handlers: dict | None = None) -> Node:
+    """The node's services; ``handlers`` maps consumer names to prebuilt handlers (tap builds them)."""
     node = Node()
     metrics = Metrics()
 
@@ -294,7 +295,7 @@ def build_node(settings: Settings, reactor) -> Node:
         DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
 
     if "consumers" in settings.roles:
-        _add_consumers(node, settings, pool, keys, metrics, reactor)
+        _add_consumers(node, settings, pool, keys, metrics, reactor, handlers or {})
     if settings.retention_interval > 0:
         TrimService(
             settings.retention(), pool, keys, settings.partitions, metrics.consumers, reactor, ready=pool.whenConnected

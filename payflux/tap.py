@@ -54,6 +54,20 @@ class Options(usage.Options):
         except ConfigError as e:
             sys.stderr.write(f"payflux: {e}\n")
             raise SystemExit(2)
+        # Build consumer handlers now, so a handler that can't be imported or built is one
+        # line and exit 2 here rather than a traceback from inside twistd.
+        self.handlers = {}
+        if "consumers" in self.settings.roles:
+            from twisted.internet import reactor
+
+            from payflux.consumers.handlers import load_handler
+
+            for consumer in self.settings.consumers:
+                try:
+                    self.handlers[consumer.name] = load_handler(consumer.handler, consumer.options, reactor)
+                except ValueError as e:
+                    sys.stderr.write(f"payflux: invalid [[consumers]] {consumer.name!r}: {e}\n")
+                    raise SystemExit(2)
 
 
 def makeService(options: Options, reactor=None):
@@ -61,4 +75,4 @@ def makeService(options: Options, reactor=None):
 
     if reactor is None:
         from twisted.internet import reactor
-    return build_node(options.settings, reactor)
+    return build_node(options.settings, reactor, handlers=options.handlers)

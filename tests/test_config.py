@@ -167,6 +167,15 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("--partitions", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
+    def test_twistd_unloadable_handler_is_one_line(self):
+        path = _file(self, 'roles = ["consumers"]\n[[consumers]]\nname = "a"\ngroup = "g"\nhandler = "nope.mod:X"\n')
+        result = _run(*TWISTD, "-n", "--pidfile=", "payflux", "--config", path)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("invalid [[consumers]] 'a'", result.stderr)
+        self.assertIn("cannot import nope.mod", result.stderr)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
     def test_check_config(self):
         result = _run(sys.executable, "-m", "payflux.cli", "check-config", "--api-keys", KEYS)
         self.assertEqual(result.returncode, 0, result.stderr)

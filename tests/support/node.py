@@ -6,6 +6,8 @@ loopback ports, talking to a real redis-server; requests go over real sockets wi
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from typing import Any
 
 import treq
@@ -58,8 +60,11 @@ def _port_of(listener) -> Deferred:
 
 
 @inlineCallbacks
-def start_node(testcase, redis_url: str | None, **options: Any):
-    """Start a node with ``options`` (underscored names) on free ports; stopped at cleanup."""
+def start_node(testcase, redis_url: str | None, config_text: str | None = None, **options: Any):
+    """
+    Start a node with ``options`` (underscored names) and optionally a TOML config file body
+    (for ``[[consumers]]`` tables) on free ports; stopped at cleanup.
+    """
     cli = {
         "listen": "tcp:0:interface=127.0.0.1",
         "metrics_listen": "tcp:0:interface=127.0.0.1",
@@ -69,7 +74,13 @@ def start_node(testcase, redis_url: str | None, **options: Any):
         "stats_interval": "0.2",
     }
     cli.update({k: (str(v) if not isinstance(v, bool) else v) for k, v in options.items()})
-    settings = load_settings(cli, env={})
+    config_path = None
+    if config_text is not None:
+        fd, config_path = tempfile.mkstemp(suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write(config_text)
+        testcase.addCleanup(os.unlink, config_path)
+    settings = load_settings(cli, env={}, config_path=config_path)
     node = build_node(settings, reactor)
     node.startService()
     testcase.addCleanup(lambda: node.stopService() if node.running else None)
