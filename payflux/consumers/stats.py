@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generator, Union
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from payflux.consumers.inspect import PartitionFacts, partition_steps, run_deferred
+from payflux.consumers.periodic import PeriodicService
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
 
@@ -41,7 +41,7 @@ def _remove(gauge: Any, *labels: str) -> None:
         pass
 
 
-class GroupStatsSampler(Service):
+class GroupStatsSampler(PeriodicService):
     """Fills the consumer-group gauges of ``metrics`` every ``interval`` seconds (see module doc)."""
 
     def __init__(self, redis: Any, keys: StreamKeys, partitions: int, metrics: ConsumerMetrics, reactor: Any,
@@ -55,39 +55,9 @@ class GroupStatsSampler(Service):
         self.ready = ready
         self.max_scan = max_scan
         self._groups: dict[int, set[str]] = {}  # groups with gauges, per partition
-        self._loop: task.LoopingCall | None = None
-        self._pass: defer.Deferred | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self._run_pass)
-        self._loop.clock = self.reactor
-        if self.ready is None:
-            self._loop.start(self.interval, now=True)
-            return
-        ready = self.ready() if callable(self.ready) else self.ready
-        ready.addCallback(self._start_loop)
-        ready.addErrback(lambda f: log.failure("not starting {what}: Redis never became ready", f,
-                                               what=type(self).__name__))
-
-    def _start_loop(self, result: Any) -> None:
-        if self.running and self._loop is not None and not self._loop.running:
-            self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        current, self._pass = self._pass, None
-        if current is None:
-            return defer.succeed(None)
-        done: defer.Deferred = defer.Deferred()
-        current.addBoth(lambda _: done.callback(None))
-        return done
-
-    def _run_pass(self) -> defer.Deferred:
-        self._pass = self.sample_once()
-        return self._pass
+    def run_pass(self) -> defer.Deferred:
+        return self.sample_once()
 
     @defer.inlineCallbacks
     def sample_once(self) -> Generator:

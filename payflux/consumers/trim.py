@@ -35,11 +35,12 @@ import hashlib
 from typing import Any, Callable, Generator, Sequence, Union
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from payflux.consumers.config import RetentionConfig
 from payflux.consumers.inspect import entry_id, format_id, parse_id, text
+from payflux.consumers.periodic import PeriodicService
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
 
@@ -140,7 +141,7 @@ def eval_script(redis: Any, script: str, sha: str, keys: Sequence[Any], args: Se
     return result
 
 
-class TrimService(Service):
+class TrimService(PeriodicService):
     """
     Trims every partition's stream and DLQ once per ``retention.interval`` (see module doc).
 
@@ -161,42 +162,20 @@ class TrimService(Service):
         self.metrics = metrics
         self.reactor = reactor
         self.ready = ready
-        self._loop: task.LoopingCall | None = None
-        self._pass: defer.Deferred | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.retention.interval
 
     def startService(self) -> None:
-        super().startService()
         if self.retention.interval <= 0:
+            Service.startService(self)
             log.info("retention trimming disabled (interval {interval})", interval=self.retention.interval)
             return
-        self._loop = task.LoopingCall(self._run_pass)
-        self._loop.clock = self.reactor
-        if self.ready is None:
-            self._loop.start(self.retention.interval, now=True)
-            return
-        ready = self.ready() if callable(self.ready) else self.ready
-        ready.addCallback(self._start_loop)
-        ready.addErrback(lambda f: log.failure("not starting {what}: Redis never became ready", f,
-                                               what=type(self).__name__))
+        super().startService()
 
-    def _start_loop(self, result: Any) -> None:
-        if self.running and self._loop is not None and not self._loop.running:
-            self._loop.start(self.retention.interval, now=True)
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        current, self._pass = self._pass, None
-        if current is None:
-            return defer.succeed(None)
-        done: defer.Deferred = defer.Deferred()
-        current.addBoth(lambda _: done.callback(None))
-        return done
-
-    def _run_pass(self) -> defer.Deferred:
-        self._pass = self.trim_once()
-        return self._pass
+    def run_pass(self) -> defer.Deferred:
+        return self.trim_once()
 
     @defer.inlineCallbacks
     def trim_once(self) -> Generator:

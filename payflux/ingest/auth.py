@@ -14,7 +14,7 @@ import math
 from typing import Callable, Iterable
 
 from payflux.config import ApiKey
-from payflux.ingest.errors import ApiError, rate_limited, unauthorized
+from payflux.ingest.errors import rate_limited, unauthorized
 
 DEV_KEY_ID = "dev"
 
