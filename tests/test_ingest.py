@@ -8,7 +8,6 @@ import json
 import socket
 import time
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater

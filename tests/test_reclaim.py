@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
 from payflux.consumers.handlers import Entry
 from payflux.consumers.reclaim import DEAD_LETTER_SCRIPT, DEAD_LETTER_SHA, ReclaimService, evalsha
