@@ -158,6 +158,24 @@ def _redis_url(value: Any) -> str | None:
     return text
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: Any) -> int:
+    """An integer 1..64, or ``auto``: one worker per core (at most 64)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"must be an integer from 1 to {MAX_WORKERS} or 'auto', got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be an integer from 1 to {MAX_WORKERS} or 'auto', got {value!r}") from None
+    if not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f"must be an integer from 1 to {MAX_WORKERS} or 'auto', got {number}")
+    return number
+
+
 def _prefix(value: Any) -> str:
     text = _str(value)
     if not text or any(c in text for c in "{} \t\r\n"):
@@ -192,6 +210,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("data_dir", "payflux-data", _str, "Directory of the embedded Redis (AOF, socket)."),
     Option("roles", ("ingest",), _roles, "Comma-separated roles of this node: ingest, consumers."),
+    Option(
+        "workers",
+        1,
+        _workers,
+        "Worker processes sharing the ingest socket (tcp listen only); 'auto' = one per core.",
+    ),
     Option(
         "api_keys",
         (),
@@ -272,6 +296,7 @@ class Settings:
     redis_url: str | None = attrs.field(repr=False)
     data_dir: str
     roles: tuple[str, ...]
+    workers: int
     api_keys: tuple[ApiKey, ...] = attrs.field(repr=False)
     api_keys_file: str | None
     revoked_keys: tuple[str, ...]
@@ -442,6 +467,16 @@ def load_settings(
             "no API keys configured; set --api-keys id:secret (or --api-keys-file), "
             "or pass --insecure-dev-mode for a local trial without auth",
         )
+    if values["workers"] > 1 and "ingest" not in values["roles"]:
+        raise ConfigError("workers", "more than one worker needs the ingest role (workers only ingest)")
+    if values["workers"] > 1:
+        kind = values["listen"].split(":", 1)[0].strip().lower()
+        if kind not in ("tcp", "tcp6"):
+            raise ConfigError(
+                "workers",
+                f"more than one worker needs a tcp: or tcp6: listen endpoint (one shared socket), "
+                f"got {kind}:; use --workers 1 or a tcp listener",
+            )
     if values["rate_limit"] and values["rate_burst"] < 1:
         raise ConfigError("rate_burst", "must be at least 1 when rate_limit is set")
     return Settings(**values)

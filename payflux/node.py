@@ -16,6 +16,8 @@ closes its listeners, then its Redis connections, and stops the embedded Redis l
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from typing import Any
 
@@ -38,7 +40,7 @@ from payflux.consumers.trim import TrimService
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.auth import Authenticator, RateLimiter
-from payflux.ingest.http import IngestSite
+from payflux.ingest.http import BoundedRequest, IngestSite
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
 from payflux.streams.connection import RedisTarget, connect, parse_redis_url
@@ -94,6 +96,7 @@ class RedisPool(Service):
         self._connect_timeout = connect_timeout
         self.handler: Any = None
         self.target: RedisTarget | None = None
+        self.url: str | None = None
         self._waiting: list[Deferred] = []
 
     def startService(self) -> None:
@@ -106,6 +109,7 @@ class RedisPool(Service):
         if not self.running:
             return
         self.target = parse_redis_url(url)
+        self.url = url
         log.info("using Redis at {redis}", redis=self.target.redacted())
         self.handler = connect(self.target, self._poolsize, self._connect_timeout, self._reply_timeout)
         waiting, self._waiting = self._waiting, []
@@ -222,11 +226,48 @@ def _listener(reactor, description: str, factory) -> StreamServerEndpointService
     return service
 
 
-def build_node(settings: Settings, reactor, handlers: dict | None = None) -> Node:
-    """The node's services; ``handlers`` maps consumer names to prebuilt handlers (tap builds them)."""
-    node = Node()
-    metrics = Metrics()
+class AdoptedListener(Service):
+    """
+    The ingest listener of a worker process: accepts on a listening socket inherited from the
+    supervisor (``fd``) instead of binding one, so all workers share one accept queue.
+    """
 
+    def __init__(self, reactor, fd: int, family: int, factory):
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+        self._factory = factory
+        self.port = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
+        # adoptStreamPort dup()s the descriptor; the inherited one is no longer needed.
+        os.close(self._fd)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else succeed(None)
+
+
+class _TaggedRequest(BoundedRequest):
+    """A request whose responses name the worker that served them (``X-PayFlux-Worker``)."""
+
+    worker_tag = b""
+
+    def process(self) -> None:
+        self.setHeader(b"X-PayFlux-Worker", self.worker_tag)
+        super().process()
+
+
+def add_redis(node: Node, settings: Settings, reactor) -> RedisPool:
+    """The embedded redis-server (when no ``redis_url``) and the pool, added to ``node``."""
     if settings.redis_url:
         url = settings.redis_url
 
@@ -246,6 +287,50 @@ def build_node(settings: Settings, reactor, handlers: dict | None = None) -> Nod
         connect_timeout=settings.redis_timeout,
     )
     pool.setServiceParent(node)
+    return pool
+
+
+def add_background(node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor,
+                   handlers: dict | None) -> None:
+    """Consumers (role ``consumers``), the trimmer and the samplers: one set per node (or supervisor)."""
+    if "consumers" in settings.roles:
+        _add_consumers(node, settings, pool, keys, metrics, reactor, handlers or {})
+    if settings.retention_interval > 0:
+        TrimService(
+            settings.retention(), pool, keys, settings.partitions, metrics.consumers, reactor, ready=pool.whenConnected
+        ).setServiceParent(node)
+    GroupStatsSampler(
+        pool, keys, settings.partitions, metrics.consumers, reactor, interval=settings.stats_interval,
+        ready=pool.whenConnected,
+    ).setServiceParent(node)
+
+    sampler = TimerService(
+        settings.stats_interval,
+        _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor),
+    )
+    sampler.clock = reactor
+    sampler.setServiceParent(node)
+
+
+def build_node(
+    settings: Settings,
+    reactor,
+    handlers: dict | None = None,
+    *,
+    ingest_fd: int | None = None,
+    ingest_family: int = socket.AF_INET,
+    worker_tag: str | None = None,
+) -> Node:
+    """
+    The node's services; ``handlers`` maps consumer names to prebuilt handlers (tap builds them).
+
+    A worker process (see :mod:`payflux.workers`) passes ``ingest_fd``, the listening socket it
+    inherited, and ``worker_tag``: it then runs the ingest role only, on the adopted socket, and
+    leaves consumers, the trimmer and the samplers to its supervisor.
+    """
+    node = Node()
+    metrics = Metrics()
+    pool = add_redis(node, settings, reactor)
 
     keys = StreamKeys(settings.stream_prefix)
     writer = StreamWriter(
@@ -288,29 +373,18 @@ def build_node(settings: Settings, reactor, handlers: dict | None = None) -> Nod
         node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
         node.side_listener.setServiceParent(node)
     node.ingest_listener = None
-    if "ingest" in settings.roles:
+    if "ingest" in settings.roles or ingest_fd is not None:
         site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject)
-        node.ingest_listener = _listener(reactor, settings.listen, site)
+        if ingest_fd is None:
+            node.ingest_listener = _listener(reactor, settings.listen, site)
+        else:
+            site.requestFactory = type("WorkerRequest", (_TaggedRequest,), {"worker_tag": (worker_tag or "").encode()})
+            node.ingest_listener = AdoptedListener(reactor, ingest_fd, ingest_family, site)
         node.ingest_listener.setServiceParent(node)
         DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
 
-    if "consumers" in settings.roles:
-        _add_consumers(node, settings, pool, keys, metrics, reactor, handlers or {})
-    if settings.retention_interval > 0:
-        TrimService(
-            settings.retention(), pool, keys, settings.partitions, metrics.consumers, reactor, ready=pool.whenConnected
-        ).setServiceParent(node)
-    GroupStatsSampler(
-        pool, keys, settings.partitions, metrics.consumers, reactor, interval=settings.stats_interval,
-        ready=pool.whenConnected,
-    ).setServiceParent(node)
-
-    sampler = TimerService(
-        settings.stats_interval,
-        _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor),
-    )
-    sampler.clock = reactor
-    sampler.setServiceParent(node)
+    if ingest_fd is None:
+        add_background(node, settings, pool, keys, metrics, reactor, handlers)
 
     node.app = app  # for tests and tools: the wired app
     node.metrics = metrics

@@ -75,4 +75,12 @@ def makeService(options: Options, reactor=None):
 
     if reactor is None:
         from twisted.internet import reactor
+    if options.settings.workers > 1:
+        from payflux.workers import build_supervisor
+
+        # Workers log in the supervisor's format, to its stdout (twistd -n).
+        json_logs = any("payflux.observability.logs.json_observer" in arg for arg in sys.argv)
+        return build_supervisor(
+            options.settings, reactor, handlers=options.handlers, log_format="json" if json_logs else "text"
+        )
     return build_node(options.settings, reactor, handlers=options.handlers)

@@ -5,6 +5,8 @@ load balancers, so they never compete with producers on the ingest port.
 
 from __future__ import annotations
 
+import json
+
 from klein import Klein
 from twisted.web.server import Site
 
@@ -28,6 +30,62 @@ class SideApp:
     @app.route("/ready", methods=["GET"])
     def ready(self, request):
         return self.ingest.ready(request)
+
+    def site(self) -> Site:
+        site = Site(self.app.resource())
+        site.log = lambda request: None
+        return site
+
+
+def _json(request, status: int, doc: object) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(doc).encode("utf-8")
+
+
+class WorkersSideApp:
+    """
+    The side listener of a ``--workers N`` supervisor (see :mod:`payflux.workers`).
+
+    ``/metrics``: the supervisor's own metrics plus the workers' ingest metrics summed;
+    ``/ready``: 200 only when Redis answers and every worker answers its own /ready;
+    ``/health``: the supervisor is up.
+    """
+
+    app = Klein()
+
+    def __init__(self, workers, ping, content_type: str):
+        self.workers = workers
+        self.ping = ping
+        self.content_type = content_type
+        self.draining = False
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request):
+        body = await self.workers.render_metrics()
+        request.setHeader(b"Content-Type", self.content_type.encode("ascii"))
+        return body
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request):
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/ready", methods=["GET"])
+    async def ready(self, request):
+        expected = self.workers.count
+        if self.draining:
+            request.setHeader(b"Retry-After", b"5")
+            return _json(request, 503, {"status": "draining"})
+        try:
+            await self.ping()
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            request.setHeader(b"Retry-After", b"1")
+            return _json(request, 503, {"status": "redis_unavailable", "message": str(e) or type(e).__name__})
+        ready = await self.workers.workers_ready()
+        if ready < expected:
+            request.setHeader(b"Retry-After", b"1")
+            return _json(request, 503, {"status": "workers_unavailable", "workers_ready": ready, "workers": expected})
+        return _json(request, 200, {"status": "ready", "workers_ready": ready, "workers": expected})
 
     def site(self) -> Site:
         site = Site(self.app.resource())

@@ -145,3 +145,112 @@ class ConsumerMetrics:
             registry=r,
         )
         self.dlq_depth = Gauge("payflux_dlq_depth", "Entries in the dead-letter stream.", ["partition"], registry=r)
+
+
+# --- multi-worker aggregation (``--workers N``): the supervisor's /metrics ---
+
+#: Families each worker process counts for itself (the ingest path).  The supervisor's /metrics
+#: shows them summed over its workers; every other family (Redis probe, stream length, consumers,
+#: retention, the worker pool itself) is the supervisor's own.
+WORKER_FAMILIES = frozenset(
+    {
+        "payflux_events_accepted",
+        "payflux_events_duplicate",
+        "payflux_requests_rejected",
+        "payflux_events_rejected",
+        "payflux_request_duration_seconds",
+        "payflux_redis_append_duration_seconds",
+        "payflux_inflight_requests",
+        "payflux_inflight_events",
+        "payflux_draining",
+    }
+)
+
+#: Gauges combined with max instead of sum: "is any worker draining".
+_MAX_GAUGES = frozenset({"payflux_draining"})
+
+
+class SupervisorMetrics:
+    """The worker pool's own metrics, registered in the supervisor's :class:`Metrics` registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.workers_running = Gauge(
+            "payflux_workers_running", "Worker processes currently running.", registry=registry
+        )
+        self.workers_configured = Gauge(
+            "payflux_workers_configured", "Worker processes the supervisor keeps running (--workers).",
+            registry=registry,
+        )
+        self.worker_restarts = Counter(
+            "payflux_worker_restarts",
+            "Worker processes restarted after an unexpected exit.",
+            ["worker"],
+            registry=registry,
+        )
+
+
+_SampleKey = tuple  # (sample name, sorted label items)
+
+
+class WorkerTotals:
+    """
+    Sums the worker-local families (:data:`WORKER_FAMILIES`) of several workers' /metrics texts.
+
+    Counters and histograms of a worker that exited are folded into a *retired* total from its
+    last snapshot (:meth:`retire`), so the summed counters never go down when a worker is
+    restarted; increments a worker made after its last snapshot are lost with it.
+    """
+
+    def __init__(self) -> None:
+        self._retired: dict[str, dict[_SampleKey, float]] = {}
+        self._meta: dict[str, tuple[str, str]] = {}
+
+    @staticmethod
+    def _parse(text: str):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(text):
+            if family.name in WORKER_FAMILIES:
+                yield family
+
+    def retire(self, text: str) -> None:
+        """Fold the last snapshot of a worker that has exited into the retired totals."""
+        for family in self._parse(text):
+            if family.type not in ("counter", "histogram"):
+                continue
+            self._meta[family.name] = (family.documentation, family.type)
+            samples = self._retired.setdefault(family.name, {})
+            for s in family.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                samples[key] = samples.get(key, 0.0) + s.value
+
+    def render(self, own: CollectorRegistry, texts: list[str]) -> bytes:
+        """Prometheus text: ``own`` minus the worker families, plus those families summed."""
+        from prometheus_client.metrics_core import Metric
+
+        totals: dict[str, dict[_SampleKey, float]] = {
+            name: dict(samples) for name, samples in self._retired.items()
+        }
+        meta = dict(self._meta)
+        for text in texts:
+            for family in self._parse(text):
+                meta[family.name] = (family.documentation, family.type)
+                samples = totals.setdefault(family.name, {})
+                combine = max if family.name in _MAX_GAUGES else (lambda a, b: a + b)
+                for s in family.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    samples[key] = combine(samples[key], s.value) if key in samples else s.value
+
+        families = [f for f in own.collect() if f.name not in WORKER_FAMILIES]
+        for name in sorted(totals):
+            documentation, kind = meta[name]
+            metric = Metric(name, documentation, kind)
+            for (sample_name, labels), value in totals[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            families.append(metric)
+
+        class _Families:
+            def collect(self):
+                return families
+
+        return generate_latest(_Families())  # type: ignore[arg-type]

@@ -1,0 +1,442 @@
+"""
+``--workers N``: one supervisor process and N ingest worker processes sharing one socket.
+
+With ``workers > 1`` the ``twistd`` process is the **supervisor**. It owns
+
+- the embedded redis-server (when no ``redis_url`` is set) and a Redis pool of its own,
+- the ingest listening socket: bound once (``listen`` must be a ``tcp:``/``tcp6:`` endpoint),
+  never accepted on by the supervisor itself, and handed to each worker as file descriptor 3;
+  every worker adopts it (``reactor.adoptStreamPort``), so all share one kernel accept queue.
+  Chosen over SO_REUSEPORT because the supervisor keeps the socket open: connections that
+  arrive while a worker restarts wait in the backlog for the next ``accept`` instead of being
+  hashed to a dead worker's queue, and a taken port fails the start once, with one line;
+- the side listener (``metrics_listen``): ``/metrics`` sums the workers' ingest metrics,
+  ``/ready`` is 200 only when Redis answers and every worker answers its own ``/ready``,
+  ``/health`` is the supervisor's liveness;
+- the consumers role, the retention trimmer and the stream/group samplers (one set per node,
+  never one per worker: workers only ingest).
+
+Each **worker** (``python -m payflux.workers``) gets its settings pickled on its stdin (a pipe
+from the supervisor: secrets never appear in argv, the environment or a file), with the Redis
+URL resolved by the supervisor, and serves the ingest role on the adopted socket plus its own
+side listener on a private unix socket (``<tmp>/payflux-workers-*/worker-<i>.sock``, directory
+0700) that the supervisor scrapes. Responses carry ``X-PayFlux-Worker: <index>/<pid>``.
+
+The supervisor restarts a worker that exits unexpectedly after a backoff (0.5 s, doubling to
+30 s, reset once a worker has run for 10 s), logs it and counts it in
+``payflux_worker_restarts_total``. On SIGTERM it sends SIGTERM to every worker at once (each
+drains like a single node: 503 to new requests, in-flight appends finish), stops its consumers,
+waits for the workers (``shutdown_grace`` + 5 s, then SIGKILL), closes the socket and the side
+listener, and stops the embedded Redis last.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import protocol
+from twisted.internet.address import IPv6Address
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from payflux.config import Settings
+from payflux.ingest.side import WorkersSideApp
+from payflux.node import Node, RedisPool, _listener, add_background, add_redis
+from payflux.observability.metrics import Metrics, SupervisorMetrics, WorkerTotals
+from payflux.streams.keys import StreamKeys
+
+log = Logger()
+
+INHERITED_FD = 3
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 10.0
+STOP_MARGIN = 5.0
+
+
+@attrs.frozen
+class WorkerSpec:
+    """What the supervisor hands one worker on its stdin (pickled)."""
+
+    index: int
+    settings: Settings
+    family: int
+    supervisor_pid: int
+    log_format: str  # "json" or "text"
+
+
+class SharedSocket(Service):
+    """Binds the ingest endpoint once, in the supervisor, and never accepts on it."""
+
+    def __init__(self, reactor, description: str):
+        self._reactor = reactor
+        self._description = description
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        result: list = []
+        serverFromString(self._reactor, self._description).listen(protocol.Factory()).addBoth(result.append)
+        if isinstance(result[0], Failure):
+            result[0].raiseException()  # CannotListenError: Node turns it into one line, exit 1
+        self.port = result[0]
+        self.port.stopReading()  # the workers accept; the supervisor only holds the socket open
+
+    def startService(self) -> None:
+        self.privilegedStartService()
+        super().startService()
+
+    @property
+    def fileno(self) -> int:
+        return self.port.fileno()
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if isinstance(self.port.getHost(), IPv6Address) else socket.AF_INET
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else succeed(None)
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    def __init__(self, reactor, path: str, timeout: float):
+        self._reactor, self._path, self._timeout = reactor, path, timeout
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(self._reactor, self._path, timeout=self._timeout)
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerPool", index: int, payload: bytes):
+        self.pool = pool
+        self.index = index
+        self.payload = payload
+        self.started = pool.reactor.seconds()
+        self.ended: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+        self.transport.closeStdin()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool._ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """Spawns, watches, restarts and stops the worker processes; scrapes their side sockets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor,
+        shared: SharedSocket,
+        redis: RedisPool,
+        metrics: Metrics,
+        log_format: str,
+    ):
+        self.settings = settings
+        self.reactor = reactor
+        self.shared = shared
+        self.redis = redis
+        self.metrics = metrics
+        self.supervisor_metrics = SupervisorMetrics(metrics.registry)
+        self.supervisor_metrics.workers_configured.set(settings.workers)
+        self.log_format = log_format
+        self.count = settings.workers
+        self.run_dir = ""
+        self.procs: dict[int, _WorkerProcess] = {}
+        self.failures = [0] * self.count
+        self.restarts: dict[int, Any] = {}
+        self.snapshots: dict[int, str] = {}
+        self.totals = WorkerTotals()
+        self.stopping = False
+        self._scraper: LoopingCall | None = None
+        self._http = HTTPConnectionPool(reactor, persistent=False)
+
+    # --- lifecycle ---
+
+    def startService(self) -> None:
+        super().startService()
+        self.run_dir = tempfile.mkdtemp(prefix="payflux-workers-")  # 0700
+        d = self.redis.whenConnected()
+        d.addCallback(lambda _: self._spawn_all())
+        d.addErrback(lambda f: log.failure("could not start workers", f))
+
+    def _spawn_all(self) -> None:
+        if self.stopping:
+            return
+        for index in range(self.count):
+            self._spawn(index)
+        self._scraper = LoopingCall(self._snapshot_all)
+        self._scraper.clock = self.reactor
+        self._scraper.start(self.settings.stats_interval, now=False).addErrback(
+            lambda f: log.failure("worker metrics snapshots stopped", f)
+        )
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.run_dir, f"worker-{index}.sock")
+
+    def _spawn(self, index: int) -> None:
+        self.restarts.pop(index, None)
+        if self.stopping:
+            return
+        path = self.socket_path(index)
+        if os.path.exists(path):
+            os.unlink(path)
+        worker_settings = attrs.evolve(
+            self.settings,
+            redis_url=self.redis.url,
+            roles=("ingest",),
+            workers=1,
+            metrics_listen=f"unix:{path}:mode=600",
+            consumers=(),
+        )
+        spec = WorkerSpec(index, worker_settings, self.shared.family, os.getpid(), self.log_format)
+        proc = _WorkerProcess(self, index, pickle.dumps(spec))
+        self.reactor.spawnProcess(
+            proc,
+            sys.executable,
+            [sys.executable, "-m", "payflux.workers"],
+            env=dict(os.environ),
+            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self.shared.fileno},
+        )
+        self.procs[index] = proc
+        self.supervisor_metrics.workers_running.set(len(self.procs))
+        log.info("worker {worker} started (pid {pid})", worker=index, pid=proc.transport.pid)
+
+    def _ended(self, proc: _WorkerProcess, reason: Failure) -> None:
+        index = proc.index
+        if self.procs.get(index) is proc:
+            del self.procs[index]
+        self.supervisor_metrics.workers_running.set(len(self.procs))
+        snapshot = self.snapshots.pop(index, None)
+        if snapshot:
+            self.totals.retire(snapshot)
+        status = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        if self.stopping:
+            log.info("worker {worker} exited (status {status}, signal {signal})", worker=index, status=status,
+                     signal=sig)
+            return
+        lived = self.reactor.seconds() - proc.started
+        self.failures[index] = 1 if lived >= STABLE_AFTER else self.failures[index] + 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures[index] - 1))
+        log.error("worker {worker} exited unexpectedly (status {status}, signal {signal}); restarting in {delay}s",
+                  worker=index, status=status, signal=sig, delay=delay)
+        self.supervisor_metrics.worker_restarts.labels(str(index)).inc()
+        self.restarts[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def begin_stop(self) -> None:
+        """SIGTERM every worker now (they drain in parallel with the supervisor's consumers)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for call in self.restarts.values():
+            if call.active():
+                call.cancel()
+        self.restarts.clear()
+        if self._scraper is not None and self._scraper.running:
+            self._scraper.stop()
+        for proc in list(self.procs.values()):
+            self._signal(proc, "TERM")
+
+    @staticmethod
+    def _signal(proc: _WorkerProcess, name: str) -> None:
+        try:
+            proc.transport.signalProcess(name)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        self.begin_stop()
+        running = list(self.procs.values())
+        if running:
+            log.info("waiting up to {grace}s for {n} workers to drain", grace=self.settings.shutdown_grace + STOP_MARGIN,
+                     n=len(running))
+            timer = self.reactor.callLater(self.settings.shutdown_grace + STOP_MARGIN, self._kill, running)
+            yield DeferredList([p.ended for p in running])
+            if timer.active():
+                timer.cancel()
+        yield self._http.closeCachedConnections()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _kill(self, procs: list[_WorkerProcess]) -> None:
+        for proc in procs:
+            if not proc.ended.called:
+                log.warn("worker {worker} did not stop within the grace period; killing it", worker=proc.index)
+                self._signal(proc, "KILL")
+
+    # --- talking to the workers' private side sockets ---
+
+    def fetch(self, index: int, path: str) -> Deferred:
+        """GET ``path`` on worker ``index``'s side socket; fires with (status, body)."""
+        timeout = self.settings.redis_timeout + 1.0
+        agent = Agent.usingEndpointFactory(
+            self.reactor, _UnixEndpoints(self.reactor, self.socket_path(index), timeout), pool=self._http
+        )
+        d = agent.request(b"GET", b"http://worker" + path.encode())
+        d.addCallback(lambda r: readBody(r).addCallback(lambda body: (r.code, body)))
+        d.addTimeout(timeout, self.reactor)
+        return d
+
+    def _snapshot(self, index: int) -> Deferred:
+        proc = self.procs.get(index)
+
+        def got(result):
+            status, body = result
+            if status == 200 and self.procs.get(index) is proc:
+                self.snapshots[index] = body.decode("utf-8")
+            return self.snapshots.get(index)
+
+        d = self.fetch(index, "/metrics")
+        d.addCallback(got)
+        d.addErrback(lambda f: self.snapshots.get(index))
+        return d
+
+    def _snapshot_all(self) -> Deferred:
+        return gatherResults([self._snapshot(i) for i in list(self.procs)])
+
+    @inlineCallbacks
+    def render_metrics(self):
+        """The supervisor's registry plus the workers' ingest metrics summed (see WorkerTotals)."""
+        texts = yield self._snapshot_all()
+        return self.totals.render(self.metrics.registry, [t for t in texts if t])
+
+    @inlineCallbacks
+    def workers_ready(self):
+        """How many workers answer 200 on their own /ready."""
+
+        def status(index):
+            d = self.fetch(index, "/ready")
+            d.addCallback(lambda r: r[0] == 200)
+            d.addErrback(lambda f: False)
+            return d
+
+        results = yield gatherResults([status(i) for i in list(self.procs)])
+        return sum(1 for ok in results if ok)
+
+
+class _StopSignal(Service):
+    """Started last, so stopped first: marks the supervisor draining and SIGTERMs the workers."""
+
+    def __init__(self, workers: WorkerPool, side: WorkersSideApp):
+        self._workers = workers
+        self._side = side
+
+    def stopService(self):
+        super().stopService()
+        self._side.draining = True
+        self._workers.begin_stop()
+        return succeed(None)
+
+
+def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, log_format: str = "text") -> Node:
+    """The supervisor's services (see the module docstring); ``settings.workers`` > 1."""
+    node = Node()
+    metrics = Metrics()
+    pool = add_redis(node, settings, reactor)
+    keys = StreamKeys(settings.stream_prefix)
+
+    def ping() -> Deferred:
+        return pool.execute_command("PING").addTimeout(settings.redis_timeout, reactor)
+
+    shared = SharedSocket(reactor, settings.listen)
+    workers = WorkerPool(settings, reactor, shared, pool, metrics, log_format)
+    side = WorkersSideApp(workers, ping, metrics.content_type)
+
+    node.side_listener = None
+    if settings.metrics_listen:
+        node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
+        node.side_listener.setServiceParent(node)
+    shared.setServiceParent(node)
+    workers.setServiceParent(node)
+    add_background(node, settings, pool, keys, metrics, reactor, handlers)
+    _StopSignal(workers, side).setServiceParent(node)
+
+    node.metrics = metrics
+    node.pool = pool
+    node.workers = workers
+    node.ingest_listener = shared
+    return node
+
+
+# --- the worker process ---
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    """Linux: SIGTERM this worker if the supervisor dies, so no orphan keeps serving the port."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, other platforms
+        pass
+    if os.getppid() != supervisor_pid:
+        raise SystemExit(1)
+
+
+def _start_logging(spec: WorkerSpec) -> None:
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from payflux.observability.logs import json_observer_for
+
+    inner = json_observer_for(sys.stdout) if spec.log_format == "json" else textFileLogObserver(sys.stdout)
+    system = f"worker {spec.index}"
+
+    def observe(event: dict) -> None:
+        event["log_system"] = system
+        if spec.log_format == "json":
+            event.setdefault("worker", spec.index)
+        inner(event)
+
+    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
+
+
+def main() -> None:
+    spec: WorkerSpec = pickle.loads(sys.stdin.buffer.read())
+    _die_with_parent(spec.supervisor_pid)
+    _start_logging(spec)
+
+    from twisted.internet import reactor
+
+    from payflux.node import build_node
+
+    node = build_node(
+        spec.settings,
+        reactor,
+        ingest_fd=INHERITED_FD,
+        ingest_family=spec.family,
+        worker_tag=f"{spec.index}/{os.getpid()}",
+    )
+    node.privilegedStartService()
+    node.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
