@@ -35,8 +35,8 @@ def sleep(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-class WriterContractMixin:
-    """The StreamWriter contract; mixed into one TestCase per Redis version."""
+class WriterFixture:
+    """A Redis server per test, a pooled connection to it, and helpers to look inside."""
 
     def setUp(self) -> None:
         self.server = self.start_redis()
@@ -65,6 +65,22 @@ class WriterContractMixin:
             self.assertLess(elapsed, within, f"RedisUnavailable after {elapsed:.2f}s")
             return e
         self.fail("append succeeded, expected RedisUnavailable")
+
+    @defer.inlineCallbacks
+    def retry_until_appended(self, w: StreamWriter, e: PreparedEvent, within: float = 15.0):
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                [r] = yield w.append([e], 9)
+                return r
+            except RedisUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                yield sleep(0.1)
+
+
+class WriterContractMixin(WriterFixture):
+    """The StreamWriter contract; mixed into one TestCase per Redis version."""
 
     @defer.inlineCallbacks
     def test_single_append(self):
@@ -227,18 +243,6 @@ class WriterContractMixin:
         self.assertFalse(r.duplicate)
 
     @defer.inlineCallbacks
-    def retry_until_appended(self, w: StreamWriter, e: PreparedEvent, within: float = 15.0):
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                [r] = yield w.append([e], 9)
-                return r
-            except RedisUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                yield sleep(0.1)
-
-    @defer.inlineCallbacks
     def test_writer_recovers_after_restart(self):
         w = self.writer(timeout=0.5)
         yield w.append([event("e1")], 1)
@@ -324,4 +328,216 @@ class WriterContractMixin:
         self.assertEqual(server.sync_command("AUTH", "s3cr3t"), "OK")
 
 
+class GroupCommitMixin(WriterFixture):
+    """Group commit: the appends of one reactor turn share one EVALSHA per partition."""
+
+    @defer.inlineCallbacks
+    def warm(self, w: StreamWriter):
+        """Load the script and reset the command counters."""
+        yield w.append([event("warmup", merchant="warm")], 1)
+        self.server.sync_command("CONFIG", "RESETSTAT")
+
+    def evalsha_calls(self) -> int:
+        stats = self.server.sync_command("INFO", "commandstats").decode()
+        line = next((ln for ln in stats.splitlines() if ln.startswith("cmdstat_evalsha:")), None)
+        if line is None:
+            return 0
+        return int(dict(kv.split("=") for kv in line.split(":", 1)[1].split(","))["calls"])
+
+    def by_event_id(self, partition: int = 0) -> dict[str, str]:
+        return {f[b"event_id"].decode(): i for i, f in self.entries(partition)}
+
+    @defer.inlineCallbacks
+    def settle(self, calls: list[defer.Deferred]):
+        """Wait for every call; each outcome is a result list or an exception."""
+        outcomes = yield defer.DeferredList(calls, consumeErrors=True)
+        return [value if ok else value.value for ok, value in outcomes]
+
+    @defer.inlineCallbacks
+    def test_one_evalsha_per_turn_and_each_call_gets_its_own_ids(self):
+        w = self.writer()
+        yield self.warm(w)
+        calls = [w.append([event(f"s{i}")], 1000 + i) for i in range(50)]
+        results = yield defer.gatherResults(calls)
+        self.assertEqual(self.evalsha_calls(), 1)
+        ids = self.by_event_id()
+        for i, [r] in enumerate(results):
+            self.assertEqual(r, AppendResult(ids[f"s{i}"], False))
+        # in call order, each entry with its own call's received_at
+        entries = self.entries()[1:]
+        self.assertEqual([f[b"event_id"] for _, f in entries], [f"s{i}".encode() for i in range(50)])
+        self.assertEqual([f[b"received_at"] for _, f in entries], [str(1000 + i).encode() for i in range(50)])
+
+    @defer.inlineCallbacks
+    def test_without_group_commit_one_evalsha_per_call(self):
+        w = self.writer(group_commit=False)
+        yield self.warm(w)
+        yield defer.gatherResults([w.append([event(f"s{i}")], 1) for i in range(10)])
+        self.assertEqual(self.evalsha_calls(), 10)
+
+    @defer.inlineCallbacks
+    def test_batches_keep_their_order_inside_a_flush(self):
+        w = self.writer()
+        batches = [[event(f"b{b}-{i}") for i in range(7)] for b in range(4)]
+        results = yield defer.gatherResults([w.append(batch, 1) for batch in batches])
+        ids = self.by_event_id()
+        for batch, rs in zip(batches, results):
+            self.assertEqual([r.stream_id for r in rs], [ids[e.event_id] for e in batch])
+        self.assertEqual([f[b"event_id"].decode() for _, f in self.entries()], [e.event_id for b in batches for e in b])
+
+    @defer.inlineCallbacks
+    def test_conflict_fails_only_its_call_and_writes_nothing_of_it(self):
+        w = self.writer()
+        yield self.warm(w)
+        yield w.append([event("e1")], 1)
+        a, b, c = yield self.settle(
+            [
+                w.append([event("a1"), event("a2")], 2),
+                w.append([event("b1"), event("e1", amount=999), event("b2")], 2),
+                w.append([event("c1")], 2),
+            ]
+        )
+        self.assertEqual(self.evalsha_calls(), 2)  # e1 alone, then the flush of three
+        self.assertIsInstance(b, IdempotencyConflict)
+        self.assertEqual(b.event_ids, ["e1"])
+        ids = self.by_event_id()
+        self.assertEqual(sorted(ids), ["a1", "a2", "c1", "e1", "warmup"])
+        self.assertEqual([r.stream_id for r in a], [ids["a1"], ids["a2"]])
+        self.assertEqual([r.stream_id for r in c], [ids["c1"]])
+        self.assertEqual(self.server.sync_command("EXISTS", KEYS.seen(0, "b1"), KEYS.seen(0, "b2")), 0)
+
+    @defer.inlineCallbacks
+    def test_same_event_id_in_two_calls_of_a_flush_behaves_like_sequential_calls(self):
+        w = self.writer()
+        yield self.warm(w)
+        first, again, other, refused, later = yield self.settle(
+            [
+                w.append([event("x")], 1),
+                w.append([event("y"), event("x")], 2),  # x: duplicate of the first call's x
+                w.append([event("x", amount=5)], 3),  # x with another payload: conflict
+                w.append([event("z"), event("x", amount=6)], 4),  # conflicts, so its z is not written
+                w.append([event("z", amount=7)], 5),  # so this z is new, not a conflict
+            ]
+        )
+        self.assertEqual(self.evalsha_calls(), 1)
+        self.assertEqual(again[1], AppendResult(first[0].stream_id, True))
+        self.assertFalse(again[0].duplicate)
+        self.assertIsInstance(other, IdempotencyConflict)
+        self.assertEqual(other.event_ids, ["x"])
+        self.assertIsInstance(refused, IdempotencyConflict)
+        self.assertEqual(refused.event_ids, ["x"])
+        self.assertEqual(later, [AppendResult(self.by_event_id()["z"], False)])
+        self.assertEqual([f[b"event_id"] for _, f in self.entries()[1:]], [b"x", b"y", b"z"])
+        self.assertEqual(self.entries()[-1][1][b"data"], event("z", amount=7).canonical)
+
+    @defer.inlineCallbacks
+    def test_duplicates_of_earlier_flushes_and_within_a_call(self):
+        w = self.writer()
+        [old] = yield w.append([event("old")], 1)
+        r1, r2 = yield defer.gatherResults(
+            [w.append([event("old"), event("n"), event("n")], 2), w.append([event("n")], 3)]
+        )
+        self.assertEqual(r1[0], AppendResult(old.stream_id, True))
+        self.assertFalse(r1[1].duplicate)
+        self.assertEqual(r1[2], AppendResult(r1[1].stream_id, True))
+        self.assertEqual(r2, [AppendResult(r1[1].stream_id, True)])
+        self.assertEqual(self.xlen(), 2)
+
+    @defer.inlineCallbacks
+    def test_mixed_partitions_one_evalsha_per_partition(self):
+        w = self.writer(partitions=4)
+        yield self.warm(w)
+        merchants = [f"merchant-{i}" for i in range(16)]
+        parts = {partition_for(m, 4) for m in merchants}
+        calls = [[event(f"c{c}-{i}", merchant=merchants[(c * 3 + i) % 16]) for i in range(5)] for c in range(6)]
+        touched = {partition_for(e.merchant_id_hash, 4) for call in calls for e in call}
+        results = yield defer.gatherResults([w.append(call, 1) for call in calls])
+        self.assertEqual(self.evalsha_calls(), len(touched))
+        self.assertGreater(len(parts), 1)
+        for call, rs in zip(calls, results):
+            for e, r in zip(call, rs):
+                self.assertEqual(self.by_event_id(partition_for(e.merchant_id_hash, 4))[e.event_id], r.stream_id)
+                self.assertFalse(r.duplicate)
+
+    @defer.inlineCallbacks
+    def test_full_stream_refuses_only_the_calls_that_do_not_fit(self):
+        w = self.writer(max_stream_length=3)
+        yield w.append([event("e1")], 1)
+        fits, too_big, dup_only, small = yield self.settle(
+            [
+                w.append([event("e2")], 2),
+                w.append([event("e3"), event("e4")], 2),  # 2 + 2 > 3
+                w.append([event("e2")], 2),  # a duplicate of the first call adds nothing
+                w.append([event("e5")], 2),  # still fits after the refused call
+            ]
+        )
+        self.assertIsInstance(too_big, RedisUnavailable)
+        self.assertIn("full (2 entries", str(too_big))
+        self.assertEqual(dup_only, [AppendResult(fits[0].stream_id, True)])
+        self.assertFalse(small[0].duplicate)
+        self.assertEqual([f[b"event_id"] for _, f in self.entries()], [b"e1", b"e2", b"e5"])
+
+    @defer.inlineCallbacks
+    def test_flushes_at_once_past_max_flush_events(self):
+        w = self.writer(max_flush_events=5)
+        yield self.warm(w)
+        calls = [w.append([event(f"c{c}-{i}") for i in range(4)], 1) for c in range(3)]
+        # 4 waiting, then 8 >= 5: flushed inside the second append; the third waits for the turn
+        self.assertEqual(w._pending_events, 4)
+        yield defer.gatherResults(calls)
+        self.assertEqual(self.evalsha_calls(), 2)
+        self.assertEqual(self.xlen(), 13)
+
+    @defer.inlineCallbacks
+    def test_oom_fails_every_call_of_the_flush_and_writes_nothing(self):
+        w = self.writer()
+        yield w.append([event("warmup")], 1)
+        self.server.sync_command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        info = self.server.sync_command("INFO", "memory").decode()
+        used = int(next(line.split(":")[1] for line in info.splitlines() if line.startswith("used_memory:")))
+        self.server.sync_command("CONFIG", "SET", "maxmemory", str(used + 256 * 1024))
+        for round_ in range(200):
+            before = self.xlen()
+            outcomes = yield self.settle([w.append([event(f"r{round_}-{c}-{i}", size=2000) for i in range(5)], 2) for c in range(4)])
+            failed = [o for o in outcomes if isinstance(o, Exception)]
+            if failed:
+                break
+        else:
+            self.fail("redis never reached maxmemory")
+        self.assertEqual(len(failed), 4, outcomes)
+        for e in failed:
+            self.assertIsInstance(e, RedisUnavailable)
+            self.assertIn("OOM", str(e))
+        self.assertEqual(self.xlen(), before)
+        self.assertEqual(self.server.sync_command("KEYS", f"pf:*:seen:r{round_}-*"), [])
+
+    @defer.inlineCallbacks
+    def test_killed_redis_fails_every_call_of_the_flush(self):
+        w = self.writer(timeout=0.5)
+        yield w.append([event("e1")], 1)
+        self.server.kill()
+        calls = [w.append([event(f"k{i}")], 2) for i in range(5)]
+        for d in calls:
+            yield defer.ensureDeferred(self.assert_unavailable(d, within=1.5))
+
+    @defer.inlineCallbacks
+    def test_call_that_timed_out_is_dropped_from_its_flush(self):
+        # Both calls wait in one flush for a pooled connection while Redis is
+        # down; only the one whose caller still waits is sent once it is back.
+        w = self.writer(timeout=0.3)
+        yield w.append([event("e1")], 1)
+        self.server.kill()
+        yield defer.ensureDeferred(self.assert_unavailable(w.append([event("lost-conn")], 2), within=1.5))
+        stale = w.append([event("stale")], 3)
+        w.timeout = 15.0
+        patient = w.append([event("patient")], 3)
+        yield defer.ensureDeferred(self.assert_unavailable(stale, within=1.0))
+        self.server.start()
+        [r] = yield patient
+        self.assertFalse(r.duplicate)
+        yield sleep(0.2)
+        self.assertEqual([f[b"event_id"] for _, f in self.entries()], [b"patient"])
+
+
 redis_test_cases(WriterContractMixin, globals())
+redis_test_cases(GroupCommitMixin, globals())

@@ -6,23 +6,37 @@ event conflicts, appends the new ones and records them (docs/stream-format.md
 is the contract).  With one partition a whole ``append`` is atomic: all new
 events are written, or none.
 
+Group commit: ``append`` calls made in the same reactor turn are sent as one
+EVALSHA per partition (a *flush*).  Each call is a *segment* of the flush and
+the script treats segments like sequential calls, so every caller still gets
+its own results, conflicts and "full" refusals.  What a flush shares is its
+fate on the Redis side: OOM, a lost connection or any other error reply fails
+every call in it with the same error (docs/stream-format.md, "Atomicity and
+failures").
+
 Partial writes inside a script: the script performs every check (dedupe
-records, in-call duplicates, stream length cap) before its first write, and
-its first write is the first XADD.  Scripts here carry no ``#!lua`` flags, so
-Redis 6.2 and 7.x both apply the legacy rule: when ``used_memory`` exceeded
-``maxmemory`` as the script started (with ``noeviction``), the *first*
-write command fails with ``OOM`` (the script aborts with nothing written);
-once a script has written, later writes in it are never rejected for memory.
-Other mid-script failures (WRONGTYPE on the stream key) also hit the first
-XADD.  So a batch is either fully written or not at all; ``test_writer``
-checks this against real servers filled to ``maxmemory``.
+records, in-call duplicates, stream length cap) of every segment before its
+first write, and its first write is the first XADD.  Scripts here carry no
+``#!lua`` flags, so Redis 6.2 and 7.x both apply the legacy rule: when
+``used_memory`` exceeded ``maxmemory`` as the script started (with
+``noeviction``), the *first* write command fails with ``OOM`` (the script
+aborts with nothing written); once a script has written, later writes in it
+are never rejected for memory.  Other mid-script failures (WRONGTYPE on the
+stream key) also hit the first XADD.  So a flush is either fully written or
+not at all; ``test_writer`` checks this against real servers filled to
+``maxmemory``.
+
+The EVALSHA command is encoded here (``encode_command``) rather than by
+txredisapi, whose per-argument encoder cost ~15% of the CPU of a 500-event
+batch; it is written through txredisapi's own ``execute_command`` so the
+connection's reply queue and reply timeout work as for any other command.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Iterable
 
 import attrs
 import txredisapi
@@ -37,72 +51,107 @@ log = Logger()
 FORMAT_VERSION = "1"
 
 APPEND_SCRIPT = r"""
--- PayFlux append v1. KEYS[1] = stream, KEYS[1+i] = dedupe key of event i.
--- ARGV[1] = received_at (ms), ARGV[2] = dedupe window (ms),
+-- PayFlux append v2: one partition, one or more segments (one segment = the
+-- events of one StreamWriter.append call; group commit puts several in a call).
+-- KEYS[1] = stream, KEYS[1+i] = dedupe key of event i (all segments, in order).
+-- ARGV[1] = received_at (ms) of segment 1, ARGV[2] = dedupe window (ms),
 -- ARGV[3] = max stream length (0 = no cap),
--- ARGV[4+4(i-1) .. 7+4(i-1)] = event_id, fingerprint, type, canonical JSON.
--- Every check happens before the first write (see writer.py docstring).
+-- ARGV[4+4(i-1) .. 7+4(i-1)] = event_id, fingerprint, type, canonical JSON,
+-- then per segment 2..S: index of its first event, its received_at (ms).
+-- A segment's reply: {'ok', id, dup, ...} | {'conflict', i, ...} (i counts
+-- within the segment) | {'full', len}.  The reply is the segment's reply for
+-- S = 1 (the v1 layout and reply), else an array of the S segment replies.
+-- Segments behave like sequential calls.  Every check happens before the
+-- first write (see writer.py docstring).
 local n = #KEYS - 1
 local stream = KEYS[1]
-local recorded = {}   -- i -> stream id of an earlier append with the same payload
-local first_fp = {}   -- event_id -> fingerprint of its first occurrence in this call
-local conflicts = {}
-local new_count = 0
-for i = 1, n do
-  local b = 4 * (i - 1) + 3
-  local eid, fp = ARGV[b + 1], ARGV[b + 2]
-  local rec = redis.call('GET', KEYS[1 + i])
-  if rec then
-    local sp = string.find(rec, ' ', 1, true)
-    if not sp then
-      return redis.error_reply('PAYFLUXCORRUPT malformed dedupe record at ' .. KEYS[1 + i])
-    end
-    if string.sub(rec, 1, sp - 1) ~= fp then
-      conflicts[#conflicts + 1] = i
-    else
-      recorded[i] = string.sub(rec, sp + 1)
-    end
-  else
-    local f = first_fp[eid]
-    if f == nil then
-      first_fp[eid] = fp
-      new_count = new_count + 1
-    elseif f ~= fp then
-      conflicts[#conflicts + 1] = i
-    end
-  end
+local starts, stamps = {1}, {ARGV[1]}
+for j = 4 * n + 4, #ARGV, 2 do
+  starts[#starts + 1] = tonumber(ARGV[j])
+  stamps[#stamps + 1] = ARGV[j + 1]
 end
-if #conflicts > 0 then
-  local r = {'conflict'}
-  for _, i in ipairs(conflicts) do r[#r + 1] = i end
-  return r
-end
+local nseg = #starts
+starts[nseg + 1] = n + 1
 local cap = tonumber(ARGV[3])
-if cap > 0 and new_count > 0 then
-  local len = redis.call('XLEN', stream)
-  if len + new_count > cap then
-    return {'full', len}
+local len = nil        -- XLEN, read at most once
+local growth = 0       -- entries the accepted segments will add
+local recorded = {}    -- i -> stream id of an earlier append with the same payload
+local pending = {}     -- event_id -> fingerprint, new in an accepted segment
+local accepted = {}
+local replies = {}
+for s = 1, nseg do
+  local first_fp = {}  -- event_id -> fingerprint of its first new occurrence in s
+  local conflicts = {}
+  local new_count = 0
+  local base = starts[s] - 1
+  for i = starts[s], starts[s + 1] - 1 do
+    local b = 4 * (i - 1) + 3
+    local eid, fp = ARGV[b + 1], ARGV[b + 2]
+    local rec = redis.call('GET', KEYS[1 + i])
+    if rec then
+      local sp = string.find(rec, ' ', 1, true)
+      if not sp then
+        return redis.error_reply('PAYFLUXCORRUPT malformed dedupe record at ' .. KEYS[1 + i])
+      end
+      if string.sub(rec, 1, sp - 1) ~= fp then
+        conflicts[#conflicts + 1] = i - base
+      else
+        recorded[i] = string.sub(rec, sp + 1)
+      end
+    else
+      local f = pending[eid] or first_fp[eid]
+      if f == nil then
+        first_fp[eid] = fp
+        new_count = new_count + 1
+      elseif f ~= fp then
+        conflicts[#conflicts + 1] = i - base
+      end
+    end
   end
-end
-local out = {'ok'}
-local added = {}      -- event_id -> stream id appended in this call
-for i = 1, n do
-  local b = 4 * (i - 1) + 3
-  local eid = ARGV[b + 1]
-  local id = recorded[i] or added[eid]
-  if id then
-    out[#out + 1] = id
-    out[#out + 1] = 1
+  if #conflicts > 0 then
+    local r = {'conflict'}
+    for _, i in ipairs(conflicts) do r[#r + 1] = i end
+    replies[s] = r
   else
-    id = redis.call('XADD', stream, '*', 'v', '1', 'event_id', eid, 'type', ARGV[b + 3],
-                    'received_at', ARGV[1], 'data', ARGV[b + 4])
-    redis.call('SET', KEYS[1 + i], ARGV[b + 2] .. ' ' .. id, 'PX', ARGV[2])
-    added[eid] = id
-    out[#out + 1] = id
-    out[#out + 1] = 0
+    if cap > 0 and new_count > 0 and len == nil then
+      len = redis.call('XLEN', stream)
+    end
+    if cap > 0 and new_count > 0 and len + growth + new_count > cap then
+      replies[s] = {'full', len + growth}
+    else
+      accepted[s] = true
+      growth = growth + new_count
+      for eid, fp in pairs(first_fp) do pending[eid] = fp end
+    end
   end
 end
-return out
+local added = {}       -- event_id -> stream id appended by this call
+for s = 1, nseg do
+  if accepted[s] then
+    local out = {'ok'}
+    for i = starts[s], starts[s + 1] - 1 do
+      local b = 4 * (i - 1) + 3
+      local eid = ARGV[b + 1]
+      local id = recorded[i] or added[eid]
+      if id then
+        out[#out + 1] = id
+        out[#out + 1] = 1
+      else
+        id = redis.call('XADD', stream, '*', 'v', '1', 'event_id', eid, 'type', ARGV[b + 3],
+                        'received_at', stamps[s], 'data', ARGV[b + 4])
+        redis.call('SET', KEYS[1 + i], ARGV[b + 2] .. ' ' .. id, 'PX', ARGV[2])
+        added[eid] = id
+        out[#out + 1] = id
+        out[#out + 1] = 0
+      end
+    end
+    replies[s] = out
+  end
+end
+if nseg == 1 then
+  return replies[1]
+end
+return replies
 """
 
 APPEND_SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode("utf-8")).hexdigest()
@@ -111,6 +160,8 @@ APPEND_SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode("utf-8")).hexdigest()
 _UNAVAILABLE_CODES = re.compile(
     r"(?:^|[\s:\-])(OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|CLUSTERDOWN)\b"
 )
+
+DEFAULT_MAX_FLUSH_EVENTS = 1000
 
 
 @attrs.frozen
@@ -150,6 +201,23 @@ class _Abandoned:
     abandoned = False
 
 
+@attrs.define(eq=False)
+class _Segment:
+    """The events of one ``append`` call that go to one partition."""
+
+    events: list[PreparedEvent]
+    received_at_ms: int
+    state: _Abandoned
+    done: defer.Deferred = attrs.Factory(defer.Deferred)  # list[AppendResult] or a failure
+
+    def fire(self, result: Any) -> None:
+        if not self.done.called:
+            if isinstance(result, Failure):
+                self.done.errback(result)
+            else:
+                self.done.callback(result)
+
+
 def _unavailable_reason(failure: Failure) -> str | None:
     """Why ``failure`` means Redis is unavailable, or None if it's something else."""
     if failure.check(txredisapi.ConnectionError, terror.ConnectError, terror.ConnectionLost, terror.ConnectionDone):
@@ -161,6 +229,53 @@ def _unavailable_reason(failure: Failure) -> str | None:
     return None
 
 
+def encode_command(args: Iterable[str | bytes | int]) -> bytes:
+    """The RESP encoding of one command: ``*N\\r\\n`` then ``$len\\r\\narg\\r\\n`` per argument."""
+    parts = [b""]
+    for a in args:
+        if type(a) is str:
+            a = a.encode("utf-8")
+        elif type(a) is int:
+            a = b"%d" % a
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    parts[0] = b"*%d\r\n" % (len(parts) - 1)
+    return b"".join(parts)
+
+
+class _Encoded:
+    """A command already encoded to RESP, passed through ``execute_command``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _accepts_encoded(conn: Any) -> bool:
+    """
+    Teach one txredisapi connection to send ``_Encoded`` commands as they are.
+
+    ``execute_command`` builds its bytes with ``self._build_command(*args)``
+    and then does all the bookkeeping we need (reply queue, reply timeout,
+    pipelining); wrapping ``_build_command`` on the instance keeps all of it.
+    False for connections without it (test doubles): they get plain args.
+    """
+    build = getattr(conn, "_build_command", None)
+    if build is None:
+        return False
+    if getattr(build, "payflux_encoded", False):
+        return True
+
+    def build_command(*args: Any, **kwargs: Any) -> bytes:
+        if len(args) == 1 and type(args[0]) is _Encoded:
+            return args[0].data
+        return build(*args, **kwargs)
+
+    build_command.payflux_encoded = True  # type: ignore[attr-defined]
+    conn._build_command = build_command
+    return True
+
+
 class StreamWriter:
     """
     Appends prepared events; see ``append`` for the contract.
@@ -169,10 +284,16 @@ class StreamWriter:
     an object delegating attribute access to one (``_factory`` is used to take
     a pooled connection first, so nothing is sent after a caller gave up), or
     a single connected txredisapi protocol.  ``timeout`` bounds every
-    ``append`` as a whole: waiting for a pooled connection, EVALSHA and a
-    NOSCRIPT reload.  ``max_stream_length`` (None = no cap) makes an append
+    ``append`` as a whole: waiting for its flush, for a pooled connection,
+    EVALSHA and a NOSCRIPT reload.  ``max_stream_length`` (None = no cap) makes an append
     that would grow a stream past it fail with RedisUnavailable, writing
     nothing: a guard for when trimming falls behind; the append path never trims.
+
+    ``group_commit`` (default on) coalesces the appends of one reactor turn
+    into one EVALSHA per partition, flushed by ``reactor.callLater(0)`` or at
+    once when ``max_flush_events`` events are waiting.  ``encode`` (default
+    on) encodes the EVALSHA here instead of in txredisapi; both switches exist
+    so tests and bench/writer_micro.py can compare.
     """
 
     def __init__(
@@ -184,6 +305,9 @@ class StreamWriter:
         timeout: float,
         reactor: Any,
         max_stream_length: int | None = None,
+        group_commit: bool = True,
+        max_flush_events: int = DEFAULT_MAX_FLUSH_EVENTS,
+        encode: bool = True,
     ) -> None:
         if partitions < 1:
             raise ValueError("partitions must be >= 1")
@@ -193,6 +317,8 @@ class StreamWriter:
             raise ValueError("timeout must be > 0")
         if max_stream_length is not None and max_stream_length < 1:
             raise ValueError("max_stream_length must be >= 1 or None")
+        if max_flush_events < 1:
+            raise ValueError("max_flush_events must be >= 1")
         self.redis = redis
         self.keys = keys
         self.partitions = partitions
@@ -200,20 +326,28 @@ class StreamWriter:
         self.timeout = timeout
         self.reactor = reactor
         self.max_stream_length = max_stream_length
+        self.group_commit = group_commit
+        self.max_flush_events = max_flush_events
+        self.encode = encode
+        self._pending: dict[int, list[_Segment]] = {}
+        self._pending_events = 0
+        self._flush_call: Any = None
 
     def append(self, events: list[PreparedEvent], received_at_ms: int) -> defer.Deferred:
         """
         Append ``events``; fires with one AppendResult per event, in input order.
 
         Events are grouped by ``partition_for(merchant_id_hash)``, one EVALSHA
-        per partition; within a partition the call is atomic.  A duplicate
-        (same event_id and fingerprint within the window, or earlier in this
-        call) gets the original stream id and ``duplicate=True`` and appends
-        nothing.  Errbacks with IdempotencyConflict (listing every conflicting
-        event_id; nothing written in that partition) or RedisUnavailable
-        (timeout after ``timeout`` seconds, lost connection, OOM/READONLY/...).
-        With several partitions, partitions without a conflict or error are
-        still written.
+        per partition (shared with the other appends of this reactor turn
+        under group commit); within a partition the call is atomic.  A duplicate
+        (same event_id and fingerprint within the window, earlier in this
+        call, or in an earlier call of the same flush) gets the original
+        stream id and ``duplicate=True`` and appends nothing.  Errbacks with
+        IdempotencyConflict (listing every conflicting event_id of this call;
+        nothing of this call written in that partition) or RedisUnavailable
+        (timeout after ``timeout`` seconds, lost connection, OOM/READONLY/...;
+        these hit every call of a flush).  With several partitions,
+        partitions without a conflict or error are still written.
         """
         if not events:
             return defer.succeed([])
@@ -227,9 +361,9 @@ class StreamWriter:
             state.abandoned = True
 
         outer: defer.Deferred = defer.Deferred(abandon)
+        segments = {p: _Segment([events[i] for i in idxs], received_at_ms, state) for p, idxs in groups.items()}
         work = defer.DeferredList(
-            [self._append_partition(p, [events[i] for i in idxs], received_at_ms, state) for p, idxs in groups.items()],
-            consumeErrors=True,
+            [s.done.addErrback(self._map_error) for s in segments.values()], consumeErrors=True
         )
         work.addCallback(self._combine, groups, len(events))
 
@@ -256,6 +390,8 @@ class StreamWriter:
 
         outer.addTimeout(self.timeout, self.reactor, onTimeoutCancel=on_timeout)
         outer.addErrback(self._log_unavailable, len(events))
+        for partition, segment in segments.items():
+            self._enqueue(partition, segment)
         return outer
 
     def _log_unavailable(self, failure: Failure, count: int) -> Failure:
@@ -281,18 +417,35 @@ class StreamWriter:
             raise IdempotencyConflict(list(dict.fromkeys(conflicts)))
         return [r for r in results if r is not None]
 
-    def _append_partition(
-        self, partition: int, events: list[PreparedEvent], received_at_ms: int, state: _Abandoned
-    ) -> defer.Deferred:
-        keys = [self.keys.events(partition)] + [self.keys.seen(partition, e.event_id) for e in events]
-        args: list[Any] = [str(received_at_ms), str(self.dedupe_window_ms), str(self.max_stream_length or 0)]
-        for e in events:
-            args.extend((e.event_id, e.fingerprint, e.event_type, e.canonical))
+    def _enqueue(self, partition: int, segment: _Segment) -> None:
+        if not self.group_commit:
+            self._write(partition, [segment])
+            return
+        self._pending.setdefault(partition, []).append(segment)
+        self._pending_events += len(segment.events)
+        if self._pending_events >= self.max_flush_events:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send every waiting append now (one EVALSHA per partition); normally called by the reactor."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending, self._pending, self._pending_events = self._pending, {}, 0
+        for partition, segments in pending.items():
+            self._write(partition, segments)
+
+    def _write(self, partition: int, segments: list[_Segment]) -> None:
         d = self._connection()
-        d.addCallback(self._evalsha, keys, args, state)
-        d.addCallback(self._parse_reply, events, keys[0])
-        d.addErrback(self._map_error)
-        return d
+        d.addCallback(self._evalsha, partition, segments)
+        d.addErrback(self._fail, segments)
+
+    @staticmethod
+    def _fail(failure: Failure, segments: list[_Segment]) -> None:
+        for s in segments:
+            s.fire(failure)
 
     def _connection(self) -> defer.Deferred:
         # A pool handler would pick a connection and send in one step; we need
@@ -302,34 +455,75 @@ class StreamWriter:
             return defer.succeed(self.redis)
         return factory.getConnection(peek=True)
 
-    def _evalsha(self, conn: Any, keys: list[str], args: list[Any], state: _Abandoned) -> defer.Deferred | None:
-        if state.abandoned:
+    @staticmethod
+    def _live(segments: list[_Segment]) -> list[_Segment]:
+        """The segments whose callers still wait; the others are settled (their caller has its timeout)."""
+        live = []
+        for s in segments:
+            if s.state.abandoned:
+                s.fire([])
+            else:
+                live.append(s)
+        return live
+
+    def _evalsha(
+        self, conn: Any, partition: int, segments: list[_Segment], reload: bool = True
+    ) -> defer.Deferred | None:
+        live = self._live(segments)
+        if not live:
             return None
 
-        def reload(failure: Failure) -> Any:
+        def load_script(failure: Failure) -> Any:
             failure.trap(txredisapi.ResponseError)
-            if not failure.getErrorMessage().startswith("NOSCRIPT") or state.abandoned:
+            if not (reload and failure.getErrorMessage().startswith("NOSCRIPT")):
                 return failure
             log.info("loading append script {sha} into redis", sha=APPEND_SCRIPT_SHA)
             d = conn.execute_command("SCRIPT", "LOAD", APPEND_SCRIPT)
             d.addCallback(self._check_sha)
-            d.addCallback(lambda _: None if state.abandoned else self._send(conn, keys, args))
+            d.addCallback(lambda _: self._evalsha(conn, partition, live, reload=False))
             return d
 
-        return self._send(conn, keys, args).addErrback(reload)
+        d = self._send(conn, partition, live)
+        d.addCallback(self._deliver, partition, live)
+        return d.addErrback(load_script)
 
-    @staticmethod
-    def _send(conn: Any, keys: list[str], args: list[Any]) -> defer.Deferred:
-        return conn.execute_command("EVALSHA", APPEND_SCRIPT_SHA, len(keys), *keys, *args)
+    def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred:
+        keys = self.keys
+        seen = keys.seen
+        n = sum(len(s.events) for s in segments)
+        args: list[Any] = ["EVALSHA", APPEND_SCRIPT_SHA, n + 1, keys.events(partition)]
+        args.extend(seen(partition, e.event_id) for s in segments for e in s.events)
+        args.extend((segments[0].received_at_ms, self.dedupe_window_ms, self.max_stream_length or 0))
+        for s in segments:
+            for e in s.events:
+                args.extend((e.event_id, e.fingerprint, e.event_type, e.canonical))
+        start = 1 + len(segments[0].events)
+        for s in segments[1:]:
+            args.extend((start, s.received_at_ms))
+            start += len(s.events)
+        if self.encode and _accepts_encoded(conn):
+            return conn.execute_command(_Encoded(encode_command(args)))
+        return conn.execute_command(*args)
 
     @staticmethod
     def _check_sha(sha: Any) -> None:
         if str(sha) != APPEND_SCRIPT_SHA:
             raise RuntimeError(f"redis returned script sha {sha}, expected {APPEND_SCRIPT_SHA}")
 
+    def _deliver(self, reply: Any, partition: int, segments: list[_Segment]) -> None:
+        replies = [reply] if len(segments) == 1 else reply
+        if not isinstance(replies, list) or len(replies) != len(segments):
+            raise RuntimeError(f"unexpected reply from append script: {reply!r:.200}")
+        stream = self.keys.events(partition)
+        for segment, segment_reply in zip(segments, replies):
+            try:
+                results = self._parse_reply(segment_reply, segment.events, stream)
+            except Exception:
+                segment.fire(Failure())
+            else:
+                segment.fire(results)
+
     def _parse_reply(self, reply: Any, events: list[PreparedEvent], stream: str) -> list[AppendResult]:
-        if reply is None:  # abandoned before sending; the caller has its timeout already
-            return []
         kind = str(reply[0])
         if kind == "conflict":
             ids = [events[int(i) - 1].event_id for i in reply[1:]]
@@ -353,4 +547,3 @@ class StreamWriter:
 def fingerprint_of(canonical: bytes) -> str:
     """The fingerprint PreparedEvent expects: hex sha256 of the canonical JSON."""
     return hashlib.sha256(canonical).hexdigest()
-
