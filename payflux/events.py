@@ -14,7 +14,9 @@ import json
 import math
 import re
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
+from itertools import chain
+from operator import itemgetter
 from typing import Callable
 
 import attrs
@@ -29,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised by patching _orjson to None 
 __all__ = [
     "SCHEMA_VERSION", "ValidationPolicy", "EventInvalid", "MalformedJSON", "EventValidator",
     "canonical_json", "fingerprint", "contains_pan", "decode_event_body", "decode_batch_body",
-    "MAX_DEPTH", "MAX_NUMBER_DIGITS", "FIELDS",
+    "MAX_DEPTH", "MAX_NUMBER_DIGITS", "FIELDS", "PreparedRow",
 ]
 
 SCHEMA_VERSION = 1
@@ -105,6 +107,68 @@ _UNKNOWN_MESSAGE = "is not a field of payment_exhaust v1"
 _PAN_MESSAGE = "looks like a card number (13-19 digits passing Luhn); send hashes or buckets only"
 _ORDER = {name: i for i, name in enumerate(FIELDS)}
 
+# --- the fast path: tables ------------------------------------------------------------------
+#
+# The common event (every value of the right type, a `...Z` timestamp, no unknown field, no
+# digit run that could be a PAN) is checked with one combined regex over its 13 string values
+# joined by NUL, an absent optional field standing as \x01 (neither character is in any
+# field's character class, so the join is unambiguous).  Anything else goes to the detailed
+# validator, which alone writes error details; the fast path only ever says "valid, and
+# here is the same output" or "ask the detailed validator" (property-tested).
+
+_ABSENT = "\x01"
+_FAST_NAMES = ("occurred_at",) + tuple(STRING_FIELDS)
+_FAST_DEFAULTS = (_ABSENT,) * len(_FAST_NAMES)
+_FAST_TIMESTAMP = (  # UTC, uppercase T/Z, field ranges checked; the calendar day is checked below
+    r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?Z"
+)
+_FAST_SHAPE = re.compile("\x00".join(
+    [_FAST_TIMESTAMP]
+    + [f"(?:{rx})" if req else f"(?:\x01|{rx})" for req, rx, _, _ in STRING_FIELDS.values()]
+)).fullmatch
+_EPOCH_2000_SECONDS = 946_684_800
+_RETRY_LOW, _RETRY_HIGH = INT_FIELDS["retry_count"]
+_LATENCY_LOW, _LATENCY_HIGH = INT_FIELDS["processor_latency_ms"]
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_MINUTE_CACHE: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" -> Unix seconds, or -1: no such day
+_MINUTE_CACHE_MAX = 4096
+# Canonical form: keys sorted; the two integers sort last ("processor_latency_ms" < "retry_count").
+_SORTED_STRINGS = sorted(_FAST_NAMES)
+_SORTED_VALUES = itemgetter(*(_FAST_NAMES.index(name) for name in _SORTED_STRINGS))
+_SORTED_PREFIXES = tuple(f'"{name}":"' for name in _SORTED_STRINGS)
+_ALL_PRESENT = ",".join(f'"{name}":"%s"' for name in _SORTED_STRINGS)
+# (event_id, merchant_id_hash, event_type, canonical, fingerprint): what an append needs.
+PreparedRow = tuple[str, str, str, bytes, str]
+
+
+def _minute_seconds(minute: str) -> int:
+    """Unix seconds of a "YYYY-MM-DDTHH:MM" prefix (fields already range-checked), -1 if no such day."""
+    seconds = _MINUTE_CACHE.get(minute)
+    if seconds is None:
+        try:
+            day = date(int(minute[:4]), int(minute[5:7]), int(minute[8:10])).toordinal()
+            seconds = (day - _EPOCH_ORDINAL) * 86400 + int(minute[11:13]) * 3600 + int(minute[14:16]) * 60
+        except ValueError:  # Feb 30, year 0000
+            seconds = -1
+        if len(_MINUTE_CACHE) >= _MINUTE_CACHE_MAX:
+            _MINUTE_CACHE.clear()
+        _MINUTE_CACHE[minute] = seconds
+    return seconds
+
+
+def _canonical_text(values: list, retry: int, latency: int | None) -> str:
+    """canonical_json of a fast-path event: every value is ASCII without quotes or backslashes
+    (the regexes guarantee it), so JSON encoding is plain concatenation."""
+    ordered = _SORTED_VALUES(values)
+    if _ABSENT in ordered:
+        strings = ",".join([p + v + '"' for p, v in zip(_SORTED_PREFIXES, ordered) if v != _ABSENT])
+    else:
+        strings = _ALL_PRESENT % ordered
+    if latency is None:
+        return '{%s,"retry_count":%d}' % (strings, retry)
+    return '{%s,"processor_latency_ms":%d,"retry_count":%d}' % (strings, latency, retry)
+
 
 def _detail(field: str, code: str, message: str) -> dict:
     return {"field": field, "code": code, "message": message}
@@ -147,6 +211,97 @@ class EventValidator:
 
     def validate(self, obj: object) -> dict:
         """Return the normalised event (only known fields, canonical values) or raise EventInvalid listing EVERY bad field (not just the first)."""
+        fast = self._fast(obj, None)
+        if fast is not None and not candidate_runs_possible(fast[3]):
+            values, retry, latency, _ = fast
+            out = {name: v for name, v in zip(STRING_FIELDS, values[1:]) if v != _ABSENT}
+            out["occurred_at"] = values[0]
+            out["retry_count"] = retry
+            if latency is not None:
+                out["processor_latency_ms"] = latency
+            return out
+        return self.validate_detailed(obj)
+
+    def validate_batch(self, items: list) -> tuple[list[PreparedRow], list[tuple[int, list[dict]]]]:
+        """Validate, encode and fingerprint a batch: ``(rows, invalid)``.
+
+        ``rows`` holds one ``(event_id, merchant_id_hash, event_type, canonical, fingerprint)``
+        per item, in order, when every item is valid; ``invalid`` lists ``(position, details)``
+        (1-based position) for every invalid item, with the same details ``validate`` raises.
+        Once an item is invalid, rows are no longer built.  ``now`` is called once per batch
+        for the fast path (and once per event that needs the detailed validator).
+        """
+        if not items:
+            return [], []
+        latest = self._now() + self.policy.future_skew_seconds - 1
+        fast_path = self._fast
+        fast = [fast_path(obj, latest) for obj in items]
+        # One PAN pre-filter pass over the whole batch; only on a hit is each event re-checked.
+        texts = [f[3] for f in fast if f is not None]
+        suspicious = bool(texts) and candidate_runs_possible("\x00".join(texts))
+        rows: list[PreparedRow] = []
+        invalid: list[tuple[int, list[dict]]] = []
+        sha256 = hashlib.sha256
+        for n, (obj, f) in enumerate(zip(items, fast), 1):
+            if f is not None and not (suspicious and candidate_runs_possible(f[3])):
+                if invalid:
+                    continue
+                values, retry, latency, _ = f
+                canonical = _canonical_text(values, retry, latency).encode("ascii")
+                rows.append((values[1], values[4], values[2], canonical, sha256(canonical).hexdigest()))
+                continue
+            try:
+                event = self.validate_detailed(obj)
+            except EventInvalid as e:
+                invalid.append((n, e.details))
+                continue
+            if not invalid:
+                canonical = canonical_json(event)
+                rows.append((event["event_id"], event["merchant_id_hash"], event["event_type"],
+                             canonical, sha256(canonical).hexdigest()))
+        return ([] if invalid else rows), invalid
+
+    def _fast(self, obj: object, latest: float | None) -> tuple[list, int, int | None, str] | None:
+        """``(values, retry_count, processor_latency_ms, joined)`` if ``obj`` is a common-shape
+        valid event apart from the PAN guard (the caller runs it on ``joined``); else None.
+
+        ``values`` follows ``_FAST_NAMES`` with ``occurred_at`` canonical and \x01 for absent.
+        ``latest``: the last accepted whole second (``now + skew - 1``), or None to ask ``now``.
+        Timestamps within a second of a limit go to the detailed validator, so the fraction
+        never needs to be compared.
+        """
+        if type(obj) is not dict:
+            return None
+        values = list(map(obj.get, _FAST_NAMES, _FAST_DEFAULTS))
+        try:
+            joined = "\x00".join(values)
+        except TypeError:  # a non-string (or null) value
+            return None
+        if _FAST_SHAPE(joined) is None or not _KNOWN.issuperset(obj):
+            return None
+        get = obj.get
+        retry = get("retry_count")
+        if retry is None:
+            retry = 0
+        elif type(retry) is not int or not _RETRY_LOW <= retry <= _RETRY_HIGH:
+            return None
+        latency = get("processor_latency_ms")
+        if latency is not None and (type(latency) is not int or not _LATENCY_LOW <= latency <= _LATENCY_HIGH):
+            return None
+        ts = values[0]
+        seconds = _minute_seconds(ts[:16])
+        if seconds < 0:
+            return None
+        seconds += int(ts[17:19])
+        if latest is None:
+            latest = self._now() + self.policy.future_skew_seconds - 1
+        if seconds < _EPOCH_2000_SECONDS or seconds > latest:
+            return None
+        values[0] = f"{ts[:19]}.{(ts[20:-1] + '00')[:3]}Z" if len(ts) > 20 else f"{ts[:19]}.000Z"
+        return values, retry, latency, joined
+
+    def validate_detailed(self, obj: object) -> dict:
+        """``validate`` field by field: the reference, and the only path that writes error details."""
         if not isinstance(obj, dict):
             raise EventInvalid([_detail("$", "not_an_object", "the event must be a JSON object")])
         errors: dict[str, dict] = {}
@@ -375,6 +530,34 @@ def _decode_fast(body: bytes, array: bool) -> object:
     return value if found == keys else None
 
 
+def _decode_ndjson_fast(body: bytes) -> list | None:
+    """orjson over a whole NDJSON body of flat objects; None means 'decode line by line'.
+
+    Each line becomes its own array (``\n`` -> ``\n],[``, keeping the newline so a string
+    still cannot span lines), so one parse yields one list per line: a blank line is ``[]``,
+    a line with two values or half an object is a list of the wrong length or a syntax error.
+    Without backslashes a string cannot hold a quote, so the quotes in the body number exactly
+    2 x (keys + string values); a duplicate key drops one of each and shows up as a shortfall.
+    """
+    if b"\\" in body or b"[" in body:
+        return None
+    try:
+        lines = _orjson.loads(b"[[" + body.replace(b"\n", b"\n],[") + b"]]")
+    except _orjson.JSONDecodeError:
+        return None
+    if max(map(len, lines)) != 1:  # some line holds two values, or every line is blank
+        return None
+    events = list(chain.from_iterable(lines))
+    if set(map(type, events)) != {dict}:
+        return None
+    types = list(map(type, chain.from_iterable(map(dict.values, events))))
+    if float in types or dict in types:  # nested objects or floats: the reference decides
+        return None
+    if body.count(b'"') != 2 * (sum(map(len, events)) + types.count(str)):
+        return None
+    return events
+
+
 def decode_event_body(body: bytes) -> object:
     """Strict JSON decode of a single-event body: UTF-8 only (invalid UTF-8 -> MalformedJSON), reject duplicate object keys, NaN/Infinity, nesting deeper than 32, numbers with > 100 digits (no huge-int DoS); raise MalformedJSON."""
     if _orjson is not None:
@@ -392,6 +575,10 @@ def decode_batch_body(body: bytes, kind: str) -> list[object]:
     For the array form, ``line`` is the line of the body where the error was found, if known.
     """
     if kind == "ndjson":
+        if _orjson is not None:
+            fast = _decode_ndjson_fast(body)
+            if fast is not None:
+                return fast
         events = []
         for number, line in enumerate(body.split(b"\n"), 1):
             if not line.strip(b" \t\r"):

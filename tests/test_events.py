@@ -505,3 +505,145 @@ class DecodeWithoutOrjsonTests(DecodeTests):
 
     def setUp(self):
         self.patch(events, "_orjson", None)
+
+
+# --- the fast path agrees with the detailed validator ---------------------------------------
+
+def _timestamps():
+    """occurred_at values around every limit the fast path decides on, in every accepted shape."""
+    seconds = st.one_of(
+        st.integers(946_684_800, int(NOW) + 300),  # the usual: since 2000, not in the future
+        st.integers(946_684_800 - 90_000, 946_684_800 + 90_000),  # 2000-01-01, with offsets
+        st.integers(int(NOW) - 4000, int(NOW) + 4000),  # now + skew, with offsets
+        st.integers(0, 253_402_300_799),  # year 1970..9999
+    )
+    fraction = st.sampled_from(["", ".0", ".5", ".999", ".1234", ".999999", ".123456789", ".9999999999"])
+    zone = st.sampled_from(["Z"] * 6 + ["z", "+00:00", "+02:00", "-03:30", "+23:59"])
+    sep = st.sampled_from(["T"] * 8 + ["t", " "])
+
+    def fmt(s, f, z, t):
+        from datetime import datetime, timezone
+        return datetime.fromtimestamp(s, timezone.utc).strftime(f"%Y-%m-%d{t}%H:%M:%S") + f + z
+    fixed = st.sampled_from(["2025-02-29T00:00:00Z", "2024-02-29T23:59:59.5Z", "2025-04-31T00:00:00Z",
+                             "0000-01-01T00:00:00Z", "2025-06-01T10:00:60Z", "2025-13-01T00:00:00Z"])
+    built = st.builds(fmt, seconds, fraction, zone, sep)
+    return st.one_of([built] * 4 + [fixed])
+
+
+def _from(rx):
+    return st.from_regex(rx, fullmatch=True)
+
+
+valid_event = st.fixed_dictionaries(
+    {name: _from(rx) for name, (req, rx, _, _) in events.STRING_FIELDS.items() if req}
+    | {"occurred_at": _timestamps()},
+    optional={name: _from(rx) | st.none() for name, (req, rx, _, _) in events.STRING_FIELDS.items() if not req}
+    | {"retry_count": st.integers(0, 1000) | st.sampled_from([-1, 1001, 10**30]) | st.none(),
+       "processor_latency_ms": st.integers(0, 600_000) | st.sampled_from([-1, 600_001]) | st.none()},
+)
+mutations = st.lists(st.tuples(
+    st.sampled_from(list(events.FIELDS) + ["extra", "4111111111111111"]),
+    field_values | json_values | st.sampled_from(["DELETE", "4111111111111111", "x" * 200, "é"]),
+), max_size=3)
+
+
+def _mutate(event: dict, changes) -> dict:
+    event = dict(event)
+    for name, value in changes:
+        if value == "DELETE":
+            event.pop(name, None)
+        else:
+            event[name] = value
+    return event
+
+
+class FastPathTests(SynchronousTestCase):
+    def assertSameAsDetailed(self, event, **policy):
+        v = validator(**policy)
+        try:
+            expected = v.validate_detailed(event)
+        except EventInvalid as e:
+            expected_details = e.details
+            with self.assertRaises(EventInvalid) as cm:
+                v.validate(event)
+            self.assertEqual(cm.exception.details, expected_details)
+            rows, invalid = v.validate_batch([event])
+            self.assertEqual((rows, invalid), ([], [(1, expected_details)]))
+            return False
+        got = v.validate(event)
+        self.assertEqual(got, expected)
+        self.assertEqual(list(got), list(expected))  # same key order too
+        canonical = canonical_json(expected)
+        rows, invalid = v.validate_batch([event])
+        self.assertEqual(invalid, [])
+        self.assertEqual(rows, [(expected["event_id"], expected["merchant_id_hash"],
+                                 expected["event_type"], canonical, fingerprint(canonical))])
+        return True
+
+    @PROPERTY
+    @given(valid_event, st.booleans())
+    def test_valid_events(self, event, allow_unknown):
+        self.assertSameAsDetailed(event, allow_unknown_fields=allow_unknown)
+
+    @PROPERTY
+    @given(valid_event, mutations, st.booleans())
+    def test_mutated_events(self, event, changes, allow_unknown):
+        self.assertSameAsDetailed(_mutate(event, changes), allow_unknown_fields=allow_unknown)
+
+    def test_fast_path_taken_for_common_events(self):
+        v = validator()
+        for event in (VALID, FULL, dict(FULL, occurred_at="2025-12-31T23:59:00Z", retry_count=None)):
+            self.assertIsNotNone(v._fast(event, None))
+            self.assertTrue(self.assertSameAsDetailed(event))
+
+    def test_batch_mixes_paths_and_reports_every_invalid_event(self):
+        v = validator()
+        items = [FULL, dict(VALID, occurred_at="2026-01-01T01:00:00+01:00"),  # detailed, valid
+                 dict(VALID, currency="usd"), dict(VALID, note="4111 1111 1111 1111"), "x"]
+        rows, invalid = v.validate_batch(items)
+        self.assertEqual(rows, [])
+        self.assertEqual([(n, [(d["field"], d["code"]) for d in ds]) for n, ds in invalid], [
+            (3, [("currency", "format")]), (4, [("note", "pan_detected")]), (5, [("$", "not_an_object")])])
+        rows, invalid = v.validate_batch(items[:2])
+        self.assertEqual(invalid, [])
+        self.assertEqual([r[3] for r in rows], [canonical_json(v.validate_detailed(i)) for i in items[:2]])
+        self.assertEqual(v.validate_batch([]), ([], []))
+
+    def test_pan_in_one_event_of_a_batch(self):
+        v = validator()
+        bad = dict(VALID, failure_code="x4242424242424242")
+        near_miss = dict(VALID, failure_code="6260181590830166")  # 16 digits, no Luhn window
+        rows, invalid = v.validate_batch([FULL, near_miss, bad])
+        self.assertEqual([(n, [d["code"] for d in ds]) for n, ds in invalid], [(3, ["pan_detected"])])
+        rows, invalid = v.validate_batch([FULL, near_miss])
+        self.assertEqual((len(rows), invalid), (2, []))
+
+
+ndjson_lines = st.lists(
+    st.one_of(
+        (json_values | event_like | st.just(VALID)).map(lambda v: json.dumps(v)),
+        st.sampled_from(["", "  ", "\r", '{"a":1,"a":2}', '{"a":1},{"b":2}', '{"a":1}  {"b":2}',
+                         '{"a":"x', '"b":2}', '{"a":1.5}', '{"a":' + "9" * 30 + "}", "{}", "[{}]",
+                         '{"a":"\\"b\\":1"}', '{"a" : "b" ,"c":[]}', '{"a":"]"}', '{"a":1}]']),
+    ),
+    max_size=6,
+)
+
+
+class NdjsonFastPathTests(SynchronousTestCase):
+    def test_taken_for_flat_objects(self):
+        raw = body(VALID) + b"\n\n  \r\n" + body(FULL) + b"\r\n"
+        self.assertEqual(events._decode_ndjson_fast(raw), [VALID, FULL])
+        for raw in (b'{"a":1}\n{"a":1,"a":2}', b'{"a":"x\ny"}', b'{"a":1,\n"b":2}', b"{},{}",
+                    b'{"a":{"b":1}}', b'{"a":1.0}', b"\n\n", b'{"a":"\\u0041"}'):
+            self.assertIsNone(events._decode_ndjson_fast(raw), raw)
+
+    @PROPERTY
+    @given(ndjson_lines, st.sampled_from(["\n", "\r\n"]), st.booleans())
+    def test_whole_body_parse_matches_line_by_line(self, lines, newline, trailing):
+        raw = (newline.join(lines) + (newline if trailing else "")).encode()
+        got = events._decode_ndjson_fast(raw)
+        if got is None:
+            return  # line by line decides
+        self.assertEqual(repr(got), repr([decode_event_body(line) for line in raw.split(b"\n")
+                                          if line.strip(b" \t\r")]))

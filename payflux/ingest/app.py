@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from payflux.events import EventInvalid, EventValidator, MalformedJSON, canonical_json, decode_batch_body, decode_event_body, fingerprint
+from payflux.events import EventValidator, MalformedJSON, decode_batch_body, decode_event_body
 from payflux.ingest.auth import Authenticator, RateLimiter
 from payflux.ingest.errors import ApiError, unavailable
 from payflux.ingest.openapi import openapi_document
@@ -236,30 +236,15 @@ class IngestApp:
             raise ApiError(400, "malformed_json", str(e)) from None
 
     def _validate(self, items: list, batch: bool) -> list[PreparedEvent]:
-        prepared = []
-        details = []
-        for n, item in enumerate(items, 1):
-            try:
-                event = self.validator.validate(item)
-            except EventInvalid as e:
-                for d in e.details:
-                    details.append({"line": n, **d} if batch else d)
-                continue
-            canonical = canonical_json(event)
-            prepared.append(
-                PreparedEvent(
-                    event_id=event["event_id"],
-                    merchant_id_hash=event["merchant_id_hash"],
-                    event_type=event["event_type"],
-                    canonical=canonical,
-                    fingerprint=fingerprint(canonical),
-                )
-            )
-        if details:
-            bad = len({d.get("line") for d in details}) if batch else 1
-            message = f"{bad} of {len(items)} events are invalid; nothing was written" if batch else "invalid event"
+        rows, invalid = self.validator.validate_batch(items)
+        if invalid:
+            details = [{"line": n, **d} if batch else d for n, event_details in invalid for d in event_details]
+            message = f"{len(invalid)} of {len(items)} events are invalid; nothing was written" if batch else "invalid event"
             raise ApiError(422, "invalid_event", message, details=details)
-        return prepared
+        return [
+            PreparedEvent(event_id=e, merchant_id_hash=m, event_type=t, canonical=c, fingerprint=f)
+            for e, m, t, c, f in rows
+        ]
 
     async def _append(self, request, key_id, prepared, batch, endpoint, started) -> bytes:
         count = len(prepared)
