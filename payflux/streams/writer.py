@@ -22,9 +22,9 @@ first write, and its first write is the first XADD.  Scripts here carry no
 ``noeviction``), the *first* write command fails with ``OOM`` (the script
 aborts with nothing written); once a script has written, later writes in it
 are never rejected for memory.  Other mid-script failures (WRONGTYPE on the
-stream key) also hit the first XADD.  So a flush is either fully written or
-not at all; ``test_writer`` checks this against real servers filled to
-``maxmemory``.
+stream key) also hit the first XADD.  So a flush writes all of its accepted
+segments or nothing at all; ``test_writer`` checks this against real
+servers filled to ``maxmemory``.
 
 The EVALSHA command is encoded here (``encode_command``) rather than by
 txredisapi, whose per-argument encoder cost ~15% of the CPU of a 500-event
@@ -233,9 +233,9 @@ def encode_command(args: Iterable[str | bytes | int]) -> bytes:
     """The RESP encoding of one command: ``*N\\r\\n`` then ``$len\\r\\narg\\r\\n`` per argument."""
     parts = [b""]
     for a in args:
-        if type(a) is str:
+        if isinstance(a, str):
             a = a.encode("utf-8")
-        elif type(a) is int:
+        elif isinstance(a, int):
             a = b"%d" % a
         parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
     parts[0] = b"*%d\r\n" % (len(parts) - 1)
