@@ -16,9 +16,9 @@ With ``workers > 1`` the ``twistd`` process is the **supervisor**. It owns
 - the consumers role, the retention trimmer and the stream/group samplers (one set per node,
   never one per worker: workers only ingest).
 
-Each **worker** (``python -m payflux.workers``) gets its settings pickled on its stdin (a pipe
-from the supervisor: secrets never appear in argv, the environment or a file), with the Redis
-URL resolved by the supervisor, and serves the ingest role on the adopted socket plus its own
+Each **worker** (``python -m payflux.worker``, see :mod:`payflux.worker`) gets its settings
+pickled on its stdin (a pipe from the supervisor: secrets never appear in argv, the environment
+or a file), with the Redis URL resolved by the supervisor, and serves the ingest role on the adopted socket plus its own
 side listener on a private unix socket (``<tmp>/payflux-workers-*/worker-<i>.sock``, directory
 0700) that the supervisor scrapes. Responses carry ``X-PayFlux-Worker: <index>/<pid>``.
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -59,25 +58,14 @@ from payflux.ingest.side import WorkersSideApp
 from payflux.node import Node, RedisPool, _listener, add_background, add_redis
 from payflux.observability.metrics import Metrics, SupervisorMetrics, WorkerTotals
 from payflux.streams.keys import StreamKeys
+from payflux.worker import INHERITED_FD, WorkerSpec
 
 log = Logger()
 
-INHERITED_FD = 3
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 10.0
 STOP_MARGIN = 5.0
-
-
-@attrs.frozen
-class WorkerSpec:
-    """What the supervisor hands one worker on its stdin (pickled)."""
-
-    index: int
-    settings: Settings
-    family: int
-    supervisor_pid: int
-    log_format: str  # "json" or "text"
 
 
 class SharedSocket(Service):
@@ -217,7 +205,7 @@ class WorkerPool(Service):
         self.reactor.spawnProcess(
             proc,
             sys.executable,
-            [sys.executable, "-m", "payflux.workers"],
+            [sys.executable, "-m", "payflux.worker"],
             env=dict(os.environ),
             childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self.shared.fileno},
         )
@@ -381,62 +369,3 @@ def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, 
     node.workers = workers
     node.ingest_listener = shared
     return node
-
-
-# --- the worker process ---
-
-
-def _die_with_parent(supervisor_pid: int) -> None:
-    """Linux: SIGTERM this worker if the supervisor dies, so no orphan keeps serving the port."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort, other platforms
-        pass
-    if os.getppid() != supervisor_pid:
-        raise SystemExit(1)
-
-
-def _start_logging(spec: WorkerSpec) -> None:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from payflux.observability.logs import json_observer_for
-
-    inner = json_observer_for(sys.stdout) if spec.log_format == "json" else textFileLogObserver(sys.stdout)
-    system = f"worker {spec.index}"
-
-    def observe(event: dict) -> None:
-        event["log_system"] = system
-        if spec.log_format == "json":
-            event.setdefault("worker", spec.index)
-        inner(event)
-
-    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
-
-
-def main() -> None:
-    spec: WorkerSpec = pickle.loads(sys.stdin.buffer.read())
-    _die_with_parent(spec.supervisor_pid)
-    _start_logging(spec)
-
-    from twisted.internet import reactor
-
-    from payflux.node import build_node
-
-    node = build_node(
-        spec.settings,
-        reactor,
-        ingest_fd=INHERITED_FD,
-        ingest_family=spec.family,
-        worker_tag=f"{spec.index}/{os.getpid()}",
-    )
-    node.privilegedStartService()
-    node.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    main()

@@ -71,7 +71,7 @@ class WorkersTests(SynchronousTestCase):
                 pass
 
     def worker_pids(self) -> list[int]:
-        """Live worker processes: children of the supervisor running payflux.workers."""
+        """Live worker processes: children of the supervisor running payflux.worker."""
         pids = []
         try:
             children = open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split()
@@ -79,7 +79,7 @@ class WorkersTests(SynchronousTestCase):
             return pids
         for pid in map(int, children):
             try:
-                if b"payflux.workers" in open(f"/proc/{pid}/cmdline", "rb").read():
+                if b"payflux.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
                     pids.append(pid)
             except OSError:
                 pass
