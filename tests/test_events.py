@@ -1,4 +1,4 @@
-"""Tests for payflux.events (schema, canonical form, strict JSON) and payflux.pan (PAN guard)."""
+"""Tests for payflux.events (schema, canonical form), payflux.jsonbody (strict JSON) and payflux.pan (PAN guard)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from payflux import events, pan
+from payflux import events, jsonbody, pan
 from payflux.events import (
     SCHEMA_VERSION, EventInvalid, EventValidator, MalformedJSON, ValidationPolicy,
     canonical_json, contains_pan, decode_batch_body, decode_event_body, fingerprint,
@@ -346,6 +346,13 @@ def body(obj) -> bytes:
 
 
 class DecodeTests(SynchronousTestCase):
+    def test_reexported_from_events(self):
+        """The decoder lives in payflux.jsonbody; payflux.events re-exports the same objects."""
+        for name in ("MalformedJSON", "decode_event_body", "decode_batch_body", "MAX_DEPTH",
+                     "MAX_NUMBER_DIGITS"):
+            self.assertIs(getattr(events, name), getattr(jsonbody, name))
+            self.assertIn(name, events.__all__)
+
     def malformed(self, raw: bytes) -> MalformedJSON:
         with self.assertRaises(MalformedJSON) as cm:
             decode_event_body(raw)
@@ -474,7 +481,7 @@ class PropertyTests(SynchronousTestCase):
         raw = json.dumps(value, indent=indent).encode()
         for raw in (raw, raw.replace(b"}", b', "k": 1, "k": 2}', 1)):
             try:
-                expected = events._decode_reference(raw, events.MAX_DEPTH)
+                expected = jsonbody._decode_reference(raw, jsonbody.MAX_DEPTH)
             except MalformedJSON:
                 expected = MalformedJSON
             try:
@@ -504,6 +511,7 @@ class DecodeWithoutOrjsonTests(DecodeTests):
     """The same decoding contract holds when orjson is not installed (stdlib reference only)."""
 
     def setUp(self):
+        self.patch(jsonbody, "_orjson", None)
         self.patch(events, "_orjson", None)
 
 
@@ -633,16 +641,16 @@ ndjson_lines = st.lists(
 class NdjsonFastPathTests(SynchronousTestCase):
     def test_taken_for_flat_objects(self):
         raw = body(VALID) + b"\n\n  \r\n" + body(FULL) + b"\r\n"
-        self.assertEqual(events._decode_ndjson_fast(raw), [VALID, FULL])
+        self.assertEqual(jsonbody._decode_ndjson_fast(raw), [VALID, FULL])
         for raw in (b'{"a":1}\n{"a":1,"a":2}', b'{"a":"x\ny"}', b'{"a":1,\n"b":2}', b"{},{}",
                     b'{"a":{"b":1}}', b'{"a":1.0}', b"\n\n", b'{"a":"\\u0041"}'):
-            self.assertIsNone(events._decode_ndjson_fast(raw), raw)
+            self.assertIsNone(jsonbody._decode_ndjson_fast(raw), raw)
 
     @PROPERTY
     @given(ndjson_lines, st.sampled_from(["\n", "\r\n"]), st.booleans())
     def test_whole_body_parse_matches_line_by_line(self, lines, newline, trailing):
         raw = (newline.join(lines) + (newline if trailing else "")).encode()
-        got = events._decode_ndjson_fast(raw)
+        got = jsonbody._decode_ndjson_fast(raw)
         if got is None:
             return  # line by line decides
         self.assertEqual(repr(got), repr([decode_event_body(line) for line in raw.split(b"\n")
