@@ -26,17 +26,17 @@ stream key) also hit the first XADD.  So a flush writes all of its accepted
 segments or nothing at all; ``test_writer`` checks this against real
 servers filled to ``maxmemory``.
 
-The EVALSHA command is encoded here (``encode_command``) rather than by
-txredisapi, whose per-argument encoder cost ~15% of the CPU of a 500-event
-batch; it is written through txredisapi's own ``execute_command`` so the
-connection's reply queue and reply timeout work as for any other command.
+The script and its KEYS/ARGV layout live in ``appendscript``; the EVALSHA is
+RESP-encoded by ``resp`` rather than by txredisapi (``encode=False`` turns
+that off) and still goes through txredisapi's ``execute_command``.  Their
+names stay importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 import txredisapi
@@ -44,117 +44,31 @@ from twisted.internet import defer, error as terror
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from payflux.streams.appendscript import (
+    APPEND_SCRIPT,
+    APPEND_SCRIPT_SHA,
+    FORMAT_VERSION,
+    append_args,
+    segment_replies,
+)
 from payflux.streams.keys import StreamKeys, partition_for
+from payflux.streams.resp import Encoded as _Encoded, accepts_encoded as _accepts_encoded, encode_command
+
+__all__ = [
+    "APPEND_SCRIPT",
+    "APPEND_SCRIPT_SHA",
+    "DEFAULT_MAX_FLUSH_EVENTS",
+    "FORMAT_VERSION",
+    "AppendResult",
+    "IdempotencyConflict",
+    "PreparedEvent",
+    "RedisUnavailable",
+    "StreamWriter",
+    "encode_command",
+    "fingerprint_of",
+]
 
 log = Logger()
-
-FORMAT_VERSION = "1"
-
-APPEND_SCRIPT = r"""
--- PayFlux append v2: one partition, one or more segments (one segment = the
--- events of one StreamWriter.append call; group commit puts several in a call).
--- KEYS[1] = stream, KEYS[1+i] = dedupe key of event i (all segments, in order).
--- ARGV[1] = received_at (ms) of segment 1, ARGV[2] = dedupe window (ms),
--- ARGV[3] = max stream length (0 = no cap),
--- ARGV[4+4(i-1) .. 7+4(i-1)] = event_id, fingerprint, type, canonical JSON,
--- then per segment 2..S: index of its first event, its received_at (ms).
--- A segment's reply: {'ok', id, dup, ...} | {'conflict', i, ...} (i counts
--- within the segment) | {'full', len}.  The reply is the segment's reply for
--- S = 1 (the v1 layout and reply), else an array of the S segment replies.
--- Segments behave like sequential calls.  Every check happens before the
--- first write (see writer.py docstring).
-local n = #KEYS - 1
-local stream = KEYS[1]
-local starts, stamps = {1}, {ARGV[1]}
-for j = 4 * n + 4, #ARGV, 2 do
-  starts[#starts + 1] = tonumber(ARGV[j])
-  stamps[#stamps + 1] = ARGV[j + 1]
-end
-local nseg = #starts
-starts[nseg + 1] = n + 1
-local cap = tonumber(ARGV[3])
-local len = nil        -- XLEN, read at most once
-local growth = 0       -- entries the accepted segments will add
-local recorded = {}    -- i -> stream id of an earlier append with the same payload
-local pending = {}     -- event_id -> fingerprint, new in an accepted segment
-local accepted = {}
-local replies = {}
-for s = 1, nseg do
-  local first_fp = {}  -- event_id -> fingerprint of its first new occurrence in s
-  local conflicts = {}
-  local new_count = 0
-  local base = starts[s] - 1
-  for i = starts[s], starts[s + 1] - 1 do
-    local b = 4 * (i - 1) + 3
-    local eid, fp = ARGV[b + 1], ARGV[b + 2]
-    local rec = redis.call('GET', KEYS[1 + i])
-    if rec then
-      local sp = string.find(rec, ' ', 1, true)
-      if not sp then
-        return redis.error_reply('PAYFLUXCORRUPT malformed dedupe record at ' .. KEYS[1 + i])
-      end
-      if string.sub(rec, 1, sp - 1) ~= fp then
-        conflicts[#conflicts + 1] = i - base
-      else
-        recorded[i] = string.sub(rec, sp + 1)
-      end
-    else
-      local f = pending[eid] or first_fp[eid]
-      if f == nil then
-        first_fp[eid] = fp
-        new_count = new_count + 1
-      elseif f ~= fp then
-        conflicts[#conflicts + 1] = i - base
-      end
-    end
-  end
-  if #conflicts > 0 then
-    local r = {'conflict'}
-    for _, i in ipairs(conflicts) do r[#r + 1] = i end
-    replies[s] = r
-  else
-    if cap > 0 and new_count > 0 and len == nil then
-      len = redis.call('XLEN', stream)
-    end
-    if cap > 0 and new_count > 0 and len + growth + new_count > cap then
-      replies[s] = {'full', len + growth}
-    else
-      accepted[s] = true
-      growth = growth + new_count
-      for eid, fp in pairs(first_fp) do pending[eid] = fp end
-    end
-  end
-end
-local added = {}       -- event_id -> stream id appended by this call
-for s = 1, nseg do
-  if accepted[s] then
-    local out = {'ok'}
-    for i = starts[s], starts[s + 1] - 1 do
-      local b = 4 * (i - 1) + 3
-      local eid = ARGV[b + 1]
-      local id = recorded[i] or added[eid]
-      if id then
-        out[#out + 1] = id
-        out[#out + 1] = 1
-      else
-        id = redis.call('XADD', stream, '*', 'v', '1', 'event_id', eid, 'type', ARGV[b + 3],
-                        'received_at', stamps[s], 'data', ARGV[b + 4])
-        redis.call('SET', KEYS[1 + i], ARGV[b + 2] .. ' ' .. id, 'PX', ARGV[2])
-        added[eid] = id
-        out[#out + 1] = id
-        out[#out + 1] = 0
-      end
-    end
-    replies[s] = out
-  end
-end
-if nseg == 1 then
-  return replies[1]
-end
-return replies
-"""
-
-APPEND_SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode("utf-8")).hexdigest()
 
 # Error replies that mean "Redis can't take writes right now" rather than a bug.
 _UNAVAILABLE_CODES = re.compile(
@@ -227,53 +141,6 @@ def _unavailable_reason(failure: Failure) -> str | None:
         if _UNAVAILABLE_CODES.search(message):
             return f"redis refused the append: {message}"
     return None
-
-
-def encode_command(args: Iterable[str | bytes | int]) -> bytes:
-    """The RESP encoding of one command: ``*N\\r\\n`` then ``$len\\r\\narg\\r\\n`` per argument."""
-    parts = [b""]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode("utf-8")
-        elif isinstance(a, int):
-            a = b"%d" % a
-        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    parts[0] = b"*%d\r\n" % (len(parts) - 1)
-    return b"".join(parts)
-
-
-class _Encoded:
-    """A command already encoded to RESP, passed through ``execute_command``."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-def _accepts_encoded(conn: Any) -> bool:
-    """
-    Teach one txredisapi connection to send ``_Encoded`` commands as they are.
-
-    ``execute_command`` builds its bytes with ``self._build_command(*args)``
-    and then does all the bookkeeping we need (reply queue, reply timeout,
-    pipelining); wrapping ``_build_command`` on the instance keeps all of it.
-    False for connections without it (test doubles): they get plain args.
-    """
-    build = getattr(conn, "_build_command", None)
-    if build is None:
-        return False
-    if getattr(build, "payflux_encoded", False):
-        return True
-
-    def build_command(*args: Any, **kwargs: Any) -> bytes:
-        if len(args) == 1 and type(args[0]) is _Encoded:
-            return args[0].data
-        return build(*args, **kwargs)
-
-    build_command.payflux_encoded = True  # type: ignore[attr-defined]
-    conn._build_command = build_command
-    return True
 
 
 class StreamWriter:
@@ -488,19 +355,7 @@ class StreamWriter:
         return d.addErrback(load_script)
 
     def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred:
-        keys = self.keys
-        seen = keys.seen
-        n = sum(len(s.events) for s in segments)
-        args: list[Any] = ["EVALSHA", APPEND_SCRIPT_SHA, n + 1, keys.events(partition)]
-        args.extend(seen(partition, e.event_id) for s in segments for e in s.events)
-        args.extend((segments[0].received_at_ms, self.dedupe_window_ms, self.max_stream_length or 0))
-        for s in segments:
-            for e in s.events:
-                args.extend((e.event_id, e.fingerprint, e.event_type, e.canonical))
-        start = 1 + len(segments[0].events)
-        for s in segments[1:]:
-            args.extend((start, s.received_at_ms))
-            start += len(s.events)
+        args = append_args(self.keys, partition, segments, self.dedupe_window_ms, self.max_stream_length)
         if self.encode and _accepts_encoded(conn):
             return conn.execute_command(_Encoded(encode_command(args)))
         return conn.execute_command(*args)
@@ -511,9 +366,7 @@ class StreamWriter:
             raise RuntimeError(f"redis returned script sha {sha}, expected {APPEND_SCRIPT_SHA}")
 
     def _deliver(self, reply: Any, partition: int, segments: list[_Segment]) -> None:
-        replies = [reply] if len(segments) == 1 else reply
-        if not isinstance(replies, list) or len(replies) != len(segments):
-            raise RuntimeError(f"unexpected reply from append script: {reply!r:.200}")
+        replies = segment_replies(reply, len(segments))
         stream = self.keys.events(partition)
         for segment, segment_reply in zip(segments, replies):
             try:
