@@ -266,13 +266,18 @@ class WriterContractMixin(WriterFixture):
 
     @defer.inlineCallbacks
     def test_append_abandoned_while_reconnecting_is_not_sent(self):
-        # Redis keeps running (script cached); only our connections drop, and
-        # the pool reconnects after ~0.5 s, well after this append gave up.
+        # Redis is down while the append waits for a pooled connection, so it gives up before any
+        # connection exists (no timing race with the pool's reconnect); Redis then comes back
+        # with its data (AOF, fsync always) and the abandoned append must never be sent.
+        self.server = self.start_redis(appendonly=True, appendfsync="always")
+        self.redis = connect(parse_redis_url(self.server.url), poolsize=2, connect_timeout=1.0, reply_timeout=5.0)
+        self.addCleanup(self.redis.disconnect)
         w = self.writer(timeout=0.1)
         yield w.append([event("e1")], 1)
-        self.server.sync_command("CLIENT", "KILL", "TYPE", "normal")
+        self.server.kill()
         yield sleep(0.05)
         yield defer.ensureDeferred(self.assert_unavailable(w.append([event("stale")], 2), within=1.0))
+        self.server.start()
         w.timeout = 5.0
         yield self.retry_until_appended(w, event("e3"))
         yield sleep(0.2)
