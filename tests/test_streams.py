@@ -106,7 +106,7 @@ class ParseRedisUrlTests(unittest.TestCase):
     def test_errors(self):
         cases = {
             "": "empty",
-            "localhost:6379": "scheme",
+            "localhost:6390": "scheme",
             "http://h": "scheme",
             "redis://": "missing host",
             "redis://h:0": "port",
