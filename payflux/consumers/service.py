@@ -4,8 +4,9 @@ ConsumerService: one consumer of one consumer group over every partition's event
 Contract (docs/stream-format.md, "Consumer groups"):
 
 - At-least-once.  Entries are read with XREADGROUP, never in its no-ack form (every entry read
-  stays pending until acked), on a dedicated blocking connection: first this consumer's own pending entries (id ``0``, then the last id read, per
-  partition until that partition returns none), then new entries (``>``).
+  stays pending until acked), on a dedicated blocking connection: first this consumer's own
+  pending entries (id ``0``, then the last id read, per partition until that partition returns
+  none), then new entries (``>``).
 - At most ``config.concurrency`` batches are with the handler at once; the next read is only
   sent when a slot is free.
 - An entry is acknowledged (XACK, batched per partition) only after the handler completed it.
