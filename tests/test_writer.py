@@ -272,8 +272,9 @@ class WriterContractMixin(WriterFixture):
         self.server = self.start_redis(appendonly=True, appendfsync="always")
         self.redis = connect(parse_redis_url(self.server.url), poolsize=2, connect_timeout=1.0, reply_timeout=5.0)
         self.addCleanup(self.redis.disconnect)
-        w = self.writer(timeout=0.1)
-        yield w.append([event("e1")], 1)
+        w = self.writer(timeout=5.0)
+        yield w.append([event("e1")], 1)  # first connection + SCRIPT LOAD, not under test
+        w.timeout = 0.1
         self.server.kill()
         yield sleep(0.05)
         yield defer.ensureDeferred(self.assert_unavailable(w.append([event("stale")], 2), within=1.0))

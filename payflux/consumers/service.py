@@ -360,7 +360,10 @@ class ConsumerService(Service):
         d.addCallback(self._settle)
         d.addErrback(lambda f: log.failure("consumer {consumer}: batch bookkeeping failed", f,
                                            consumer=self.config.name))
-        if not d.called:
+        # Still in flight while the handler runs *or* while its XACK is on the wire: a handler
+        # that finished synchronously leaves ``d`` called but paused on the ack, and stopService
+        # must wait for that ack too (else closing the pool kills it: a needless redelivery).
+        if not d.called or d.paused:
             self._in_flight.add(d)
             d.addBoth(self._finished, d)
 
