@@ -225,6 +225,29 @@ class ConsumerMixin(RedisFixture):
         self.flushLoggedErrors(RuntimeError)
         await svc.stopService()
 
+    async def test_stop_waits_for_an_ack_in_flight(self):
+        """A synchronous handler's batch stays in flight until its XACK replies; stop waits."""
+        gate: defer.Deferred = defer.Deferred()
+
+        class SlowAck(CountingRedis):
+            def execute_command(self, *args: Any) -> defer.Deferred:
+                if args[0] == "XACK":
+                    return gate.addCallback(lambda _: self.redis.execute_command(*args))
+                return super().execute_command(*args)
+
+        self.create_group()
+        h = RecordingHandler()
+        svc = self.service(h, redis=SlowAck(self.redis), block_ms=50)
+        self.add(1)
+        await wait_for(lambda: len(h.entries) == 1, what="entry handled")
+        stopping = svc.stopService()
+        await sleep(0.2)
+        self.assertFalse(stopping.called, "stop did not wait for the XACK in flight")
+        gate.callback(None)
+        await stopping
+        self.assertEqual(self.pending(), {})
+        self.assertEqual(metric(self.metrics, "payflux_consumer_acked_total"), 1)
+
     async def test_read_errors_back_off_and_never_end_the_loop(self):
         clock = task.Clock()
         self.create_group()
