@@ -41,6 +41,7 @@ from payflux.consumers.handlers import run_handler
 from payflux.consumers.service import ack, is_error, remember_errors
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
+from payflux.streams.outage import log_step_failure
 
 log = Logger()
 
@@ -162,7 +163,7 @@ class ReclaimService(Service):
 
     def _step_failed(self, failure: Failure, what: str) -> None:
         self.m_errors.inc()
-        log.failure("reclaim {consumer}: {what} failed", failure, consumer=self.config.name, what=what)
+        log_step_failure(log, failure, "reclaim {consumer}: {what} failed", consumer=self.config.name, what=what)
 
     def reclaim_once(self) -> defer.Deferred:
         """One pass over every partition; fires with a dict of counts (reclaimed, dead_lettered, deleted)."""

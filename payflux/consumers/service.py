@@ -37,6 +37,7 @@ from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.handlers import BatchOutcome, close_handler, run_handler
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
+from payflux.streams.outage import log_step_failure
 
 log = Logger()
 
@@ -264,8 +265,8 @@ class ConsumerService(Service):
                     cursors = {k: "0" for k in self._streams}
                 else:
                     self.m_errors.inc()
-                    log.failure("consumer {consumer}: read failed, retrying in {delay}s", failure,
-                                consumer=self.config.name, delay=backoff(failures))
+                    log_step_failure(log, failure, "consumer {consumer}: read failed, retrying in {delay}s",
+                                     consumer=self.config.name, delay=backoff(failures))
                     await self._sleep_for(backoff(failures))
                 continue
             if self._stopping:
@@ -394,5 +395,5 @@ class ConsumerService(Service):
     def _ack_failed(self, failure: Failure, count: int) -> None:
         # the entries stay pending and are redelivered by reclaim: a duplicate, never a loss
         self.m_errors.inc()
-        log.failure("consumer {consumer}: XACK of {count} entries failed", failure,
-                    consumer=self.config.name, count=count)
+        log_step_failure(log, failure, "consumer {consumer}: XACK of {count} entries failed",
+                         consumer=self.config.name, count=count)

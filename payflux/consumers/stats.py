@@ -22,11 +22,13 @@ from typing import Any, Callable, Generator, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from payflux.consumers.inspect import PartitionFacts, partition_steps, run_deferred
 from payflux.consumers.periodic import PeriodicService
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
+from payflux.streams.outage import log_step_failure
 
 log = Logger()
 
@@ -69,7 +71,8 @@ class GroupStatsSampler(PeriodicService):
                 facts = yield run_deferred(partition_steps(self.keys, p, now, self.max_scan),
                                            self.redis.execute_command)
             except Exception:
-                log.failure("sampling consumer groups of {stream} failed", stream=self.keys.events(p))
+                log_step_failure(log, Failure(), "sampling consumer groups of {stream} failed",
+                                 stream=self.keys.events(p))
                 self._forget(p, set())
                 _remove(self.metrics.dlq_depth, str(p))
                 continue

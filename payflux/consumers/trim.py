@@ -37,12 +37,14 @@ from typing import Any, Callable, Generator, Sequence, Union
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from payflux.consumers.config import RetentionConfig
 from payflux.consumers.inspect import entry_id, format_id, parse_id, text
 from payflux.consumers.periodic import PeriodicService
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
+from payflux.streams.outage import log_step_failure
 
 log = Logger()
 
@@ -185,11 +187,11 @@ class TrimService(PeriodicService):
             try:
                 yield self._trim_events(p, now)
             except Exception:
-                log.failure("trim pass failed for {stream}", stream=self.keys.events(p))
+                log_step_failure(log, Failure(), "trim pass failed for {stream}", stream=self.keys.events(p))
             try:
                 yield self._trim_dlq(p, now)
             except Exception:
-                log.failure("DLQ trim failed for {stream}", stream=self.keys.dlq(p))
+                log_step_failure(log, Failure(), "DLQ trim failed for {stream}", stream=self.keys.dlq(p))
 
     @defer.inlineCallbacks
     def _length_point(self, stream: str, length: int) -> Generator:
