@@ -20,7 +20,7 @@ import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from payflux.events import EventValidator, MalformedJSON, decode_batch_body, decode_event_body
@@ -46,7 +46,7 @@ class IngestLimits:
     redis_timeout: float
 
 
-def _json(request: Request, status: int, doc: object) -> bytes:
+def json_response(request: Request, status: int, doc: object) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
@@ -134,34 +134,27 @@ class IngestApp:
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: Request, failure) -> bytes:
-        return _json(request, 404, {"error": "not_found", "message": "no such endpoint"})
+        return json_response(request, 404, {"error": "not_found", "message": "no such endpoint"})
 
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request: Request, failure) -> bytes:
         allowed = ", ".join(failure.value.valid_methods or [])
         request.setHeader(b"Allow", allowed.encode("ascii"))
-        return _json(request, 405, {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"})
+        return json_response(request, 405, {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"})
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: Request, failure) -> bytes:
         log.failure("unexpected error handling {method} {path}", failure, method=request.method, path=request.path)
-        return _json(request, 500, {"error": "internal", "message": "internal error; see the server log"})
+        return json_response(request, 500, {"error": "internal", "message": "internal error; see the server log"})
 
     @app.route("/health", methods=["GET"])
     def health(self, request: Request) -> bytes:
-        return _json(request, 200, {"status": "ok"})
+        return json_response(request, 200, {"status": "ok"})
 
     @app.route("/ready", methods=["GET"])
     async def ready(self, request: Request) -> bytes:
-        if self.draining:
-            request.setHeader(b"Retry-After", b"5")
-            return _json(request, 503, {"status": "draining"})
-        try:
-            await self.ping()
-        except Exception as e:  # noqa: BLE001 - any failure means not ready
-            request.setHeader(b"Retry-After", b"1")
-            return _json(request, 503, {"status": "redis_unavailable", "message": _reason(e)})
-        return _json(request, 200, {"status": "ready"})
+        refusal = await not_ready(request, self.draining, self.ping)
+        return refusal if refusal is not None else json_response(request, 200, {"status": "ready"})
 
     @app.route("/metrics", methods=["GET"])
     def metrics_route(self, request: Request) -> bytes:
@@ -170,7 +163,7 @@ class IngestApp:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
-        return _json(request, 200, openapi_document(self.limits))
+        return json_response(request, 200, openapi_document(self.limits))
 
     @app.route("/v1/events/payment_exhaust", methods=["POST"])
     def single(self, request: Request):
@@ -304,7 +297,7 @@ class IngestApp:
             }
         else:
             doc = {"status": "accepted", "id": results[0].stream_id, "duplicate": results[0].duplicate}
-        return _json(request, 202, doc)
+        return json_response(request, 202, doc)
 
     def _count_rejection(self, error: ApiError, key_id: str, events: int) -> None:
         self.metrics.requests_rejected.labels(error.code, key_id).inc()
@@ -313,6 +306,29 @@ class IngestApp:
 
     def _observe(self, endpoint: str, status: int, started: float) -> None:
         self.metrics.request_latency.labels(endpoint, str(status)).observe(self.seconds() - started)
+
+
+async def not_ready(request: Request, draining: bool, ping: Callable[[], Deferred]) -> bytes | None:
+    """
+    The 503 body (with Retry-After) of a readiness probe when the node drains or Redis doesn't
+    answer ``ping``; None when both are fine.  Shared by the ingest and side listeners.
+    """
+    if draining:
+        request.setHeader(b"Retry-After", b"5")
+        return json_response(request, 503, {"status": "draining"})
+    try:
+        await ping()
+    except Exception as e:  # noqa: BLE001 - any failure means not ready
+        request.setHeader(b"Retry-After", b"1")
+        return json_response(request, 503, {"status": "redis_unavailable", "message": _reason(e)})
+    return None
+
+
+def quiet_site(resource) -> Site:
+    """A plain Site without the per-request access log (metrics count requests instead)."""
+    site = Site(resource)
+    site.log = lambda request: None
+    return site
 
 
 def _line_detail(e: MalformedJSON) -> list:

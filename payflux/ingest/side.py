@@ -5,12 +5,10 @@ load balancers, so they never compete with producers on the ingest port.
 
 from __future__ import annotations
 
-import json
-
 from klein import Klein
 from twisted.web.server import Site
 
-from payflux.ingest.app import IngestApp
+from payflux.ingest.app import IngestApp, json_response, not_ready, quiet_site
 
 
 class SideApp:
@@ -32,15 +30,7 @@ class SideApp:
         return self.ingest.ready(request)
 
     def site(self) -> Site:
-        site = Site(self.app.resource())
-        site.log = lambda request: None
-        return site
-
-
-def _json(request, status: int, doc: object) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(doc).encode("utf-8")
+        return quiet_site(self.app.resource())
 
 
 class WorkersSideApp:
@@ -68,26 +58,19 @@ class WorkersSideApp:
 
     @app.route("/health", methods=["GET"])
     def health(self, request):
-        return _json(request, 200, {"status": "ok"})
+        return json_response(request, 200, {"status": "ok"})
 
     @app.route("/ready", methods=["GET"])
     async def ready(self, request):
         expected = self.workers.count
-        if self.draining:
-            request.setHeader(b"Retry-After", b"5")
-            return _json(request, 503, {"status": "draining"})
-        try:
-            await self.ping()
-        except Exception as e:  # noqa: BLE001 - any failure means not ready
-            request.setHeader(b"Retry-After", b"1")
-            return _json(request, 503, {"status": "redis_unavailable", "message": str(e) or type(e).__name__})
+        refusal = await not_ready(request, self.draining, self.ping)
+        if refusal is not None:
+            return refusal
         ready = await self.workers.workers_ready()
         if ready < expected:
             request.setHeader(b"Retry-After", b"1")
-            return _json(request, 503, {"status": "workers_unavailable", "workers_ready": ready, "workers": expected})
-        return _json(request, 200, {"status": "ready", "workers_ready": ready, "workers": expected})
+            return json_response(request, 503, {"status": "workers_unavailable", "workers_ready": ready, "workers": expected})
+        return json_response(request, 200, {"status": "ready", "workers_ready": ready, "workers": expected})
 
     def site(self) -> Site:
-        site = Site(self.app.resource())
-        site.log = lambda request: None
-        return site
+        return quiet_site(self.app.resource())
