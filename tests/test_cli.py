@@ -12,12 +12,12 @@ from twisted.internet.threads import deferToThread
 
 from payflux.cli import sample_event
 from tests.support.node import API_SECRET, start_node
-from tests.support.process import PAYFLUX
+from tests.support.process import PAYFLUX, clean_env
 from tests.support.redis import redis_test_cases
 
 
 def _run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+    env = clean_env()
     return subprocess.run([*PAYFLUX, *args], input=stdin, capture_output=True, timeout=60, env=env)
 
 

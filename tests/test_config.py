@@ -9,7 +9,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD
+from tests.support.process import TWISTD, clean_env
 
 from payflux.config import OPTIONS, ConfigError, load_settings
 
@@ -148,9 +148,7 @@ class ErrorTests(SynchronousTestCase):
 
 
 def _run(*args, env=None):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
-    full_env.update(env or {})
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, env=full_env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, env=clean_env(**(env or {})))
 
 
 class CommandLineTests(SynchronousTestCase):

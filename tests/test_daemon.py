@@ -16,7 +16,7 @@ import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD
+from tests.support.process import TWISTD, clean_env, kill_embedded_redis
 
 from tests.support.redis import free_port, sync_command_at
 
@@ -45,15 +45,10 @@ class DaemonTests(SynchronousTestCase):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        pidfile = os.path.join(self.data_dir, "redis.pid")
-        if os.path.exists(pidfile):
-            try:
-                os.kill(int(open(pidfile).read().strip()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+        kill_embedded_redis(self.data_dir)
 
     def start(self, *extra: str, logger: bool = False) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+        env = clean_env()
         env["PAYFLUX_API_KEYS"] = f"tester:{SECRET}"
         args = [*TWISTD, "-n", "--pidfile="]
         if logger:
@@ -78,7 +73,7 @@ class DaemonTests(SynchronousTestCase):
 
     def run_until_exit(self, port: int) -> subprocess.CompletedProcess:
         """Run a node expected to refuse to start; returns its completed process."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+        env = clean_env()
         return subprocess.run(
             [*TWISTD, "-n", "--pidfile=", "payflux", "--insecure-dev-mode",
              "--listen", f"tcp:{port}:interface=127.0.0.1", "--metrics-listen", "none",

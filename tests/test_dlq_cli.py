@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from payflux.consumers.dlq import replay
 from payflux.streams.keys import StreamKeys
 from payflux.streams.syncredis import SyncRedis
-from tests.support.process import PAYFLUX
+from tests.support.process import PAYFLUX, clean_env
 from tests.support.redis import free_port, redis_test_cases
 
 KEYS = StreamKeys("payflux")
@@ -20,7 +20,7 @@ STREAM, DLQ = KEYS.events(0), KEYS.dlq(0)
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+    clean = clean_env()
     result = subprocess.run([*PAYFLUX, *args], capture_output=True, timeout=60, env={**clean, **(env or {})},
                             text=True)
     assert "Traceback" not in result.stderr, result.stderr

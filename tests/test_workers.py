@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD
+from tests.support.process import TWISTD, clean_env, kill_embedded_redis
 from tests.support.redis import free_port, sync_command_at
 
 SECRET = "workers-test-secret-0123456789"
@@ -63,12 +63,7 @@ class WorkersTests(SynchronousTestCase):
                     pass
             self.proc.kill()
             self.proc.wait()
-        pidfile = os.path.join(self.data_dir, "redis.pid")
-        if os.path.exists(pidfile):
-            try:
-                os.kill(int(open(pidfile).read().strip()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+        kill_embedded_redis(self.data_dir)
 
     def worker_pids(self) -> list[int]:
         """Live worker processes: children of the supervisor running payflux.worker."""
@@ -90,7 +85,7 @@ class WorkersTests(SynchronousTestCase):
             return f.read().decode("utf-8", "replace")
 
     def start(self, *extra: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+        env = clean_env()
         env["PAYFLUX_API_KEYS"] = f"tester:{SECRET}"
         args = [*TWISTD, "-n", "--pidfile=", "payflux", "--workers", "2",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1",
@@ -211,7 +206,7 @@ class WorkersTests(SynchronousTestCase):
         self.stop()
 
     def test_invalid_workers_exit_2_with_one_line(self):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+        env = clean_env()
         for args, expected in (
             (["--workers", "0"], "invalid --workers"),
             (["--workers", "lots"], "invalid --workers"),
