@@ -38,6 +38,7 @@ from payflux.consumers.service import ConsumerService, default_consumer_name, op
 from payflux.consumers.stats import GroupStatsSampler
 from payflux.consumers.trim import TrimService
 from payflux.events import EventValidator, ValidationPolicy
+from payflux.exporters.metrics import bind_exporter_metrics
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.auth import Authenticator, RateLimiter
 from payflux.ingest.http import BoundedRequest, IngestSite
@@ -189,6 +190,7 @@ def _add_consumers(
         name = config.consumer_name or default_consumer_name()
         config = attrs.evolve(config, consumer_name=name)
         handler = handlers.get(config.name) or load_handler(config.handler, config.options, reactor)
+        bind_exporter_metrics(handler, metrics.exporters, config.name)
         consumer = ConsumerService(
             config,
             handler,

@@ -20,8 +20,9 @@ Entries whose stream fields are missing, of an unsupported format version or who
 is not a JSON object are never handed to the handler: they fail with :class:`MalformedEntry`
 in their batch and so reach the dead-letter stream through the normal path.
 
-``load_handler`` builds a handler from a config string: a built-in name (``log``, ``noop``)
-or ``package.module:attr``, where ``attr(reactor=reactor, **options)`` returns the handler.
+``load_handler`` builds a handler from a config string: a built-in name (``log``, ``noop``, or
+an exporter of :data:`EXPORTERS`: ``file``, ``webhook``, ``kafka``, ``parquet``) or
+``package.module:attr``, where ``attr(reactor=reactor, **options)`` returns the handler.
 """
 
 from __future__ import annotations
@@ -199,6 +200,15 @@ class NoopHandler:
 
 BUILTINS: dict[str, Callable[..., Any]] = {"log": LogHandler, "noop": NoopHandler}
 
+# Built-in exporters, imported only when configured (kafka and parquet need optional extras):
+# name -> ("package.module:attr", the pip extra that provides its dependencies or None).
+EXPORTERS: dict[str, tuple[str, str | None]] = {
+    "file": ("payflux.exporters.file:FileExporter", None),
+    "webhook": ("payflux.exporters.webhook:WebhookExporter", None),
+    "kafka": ("payflux.exporters.kafka:KafkaExporter", "kafka"),
+    "parquet": ("payflux.exporters.warehouse:ParquetExporter", "warehouse"),
+}
+
 
 def load_handler(spec: str, options: dict, reactor: Any) -> Any:
     """
@@ -206,18 +216,26 @@ def load_handler(spec: str, options: dict, reactor: Any) -> Any:
     the factory is called as ``factory(reactor=reactor, **options)``.  Any failure is a
     ValueError with a one-line message naming ``spec``.
     """
+    extra = None
     if spec in BUILTINS:
         factory = BUILTINS[spec]
     else:
-        module_name, sep, attr = spec.partition(":")
+        target = spec
+        if spec in EXPORTERS:
+            target, extra = EXPORTERS[spec]
+        module_name, sep, attr = target.partition(":")
         if not sep or not module_name or not attr:
             raise ValueError(
-                f"handler {spec!r}: not a built-in ({', '.join(sorted(BUILTINS))}) nor 'package.module:attr'"
+                f"handler {spec!r}: not a built-in ({', '.join(sorted([*BUILTINS, *EXPORTERS]))})"
+                " nor 'package.module:attr'"
             )
         try:
             module = importlib.import_module(module_name)
         except Exception as e:
-            raise ValueError(f"handler {spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+            hint = f" (install the extra: pip install 'payflux[{extra}]')" if extra and isinstance(e, ImportError) else ""
+            raise ValueError(
+                f"handler {spec!r}: cannot import {module_name}: {type(e).__name__}: {e}{hint}"
+            ) from None
         factory = module
         for part in attr.split("."):
             factory = getattr(factory, part, None)

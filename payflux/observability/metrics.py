@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from payflux.exporters.metrics import ExporterMetrics
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -65,6 +67,7 @@ class Metrics:
         self.redis_up = Gauge("payflux_redis_up", "1 if the last Redis probe answered.", registry=r)
         self.draining = Gauge("payflux_draining", "1 while the node drains for shutdown.", registry=r)
         self.consumers = ConsumerMetrics(r)
+        self.exporters = ExporterMetrics(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
