@@ -190,7 +190,7 @@ def _add_consumers(
         name = config.consumer_name or default_consumer_name()
         config = attrs.evolve(config, consumer_name=name)
         handler = handlers.get(config.name) or load_handler(config.handler, config.options, reactor)
-        bind_exporter_metrics(handler, metrics.exporters, config.name)
+        bind_exporter_metrics(handler, metrics, config.name)
         consumer = ConsumerService(
             config,
             handler,

@@ -3,8 +3,11 @@ Per-exporter metrics: ``payflux_exporter_*{exporter, consumer}``.
 
 An exporter is built (``load_handler``) before the node and its registry exist, so it starts
 with :meth:`ExporterStats.unbound` (counting into a private registry, which tests read), and
-the node calls ``handler.bind_metrics(metrics.exporters, consumer_name)`` once the node's
-registry is there (:func:`bind_exporter_metrics`).  Counts are in events.
+the node calls ``handler.bind_metrics(metrics, consumer_name)`` with its
+:class:`payflux.observability.metrics.Metrics` once the node's registry is there
+(:func:`bind_exporter_metrics`); an exporter then takes ``metrics.exporters.stats(...)``, and
+any other handler with metrics of its own (the risk consumer) registers them in
+``metrics.registry``.  Counts are in events.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ class ExporterStats:
         self.last_success.set(now)
 
 
-def bind_exporter_metrics(handler: Any, metrics: ExporterMetrics, consumer: str) -> None:
-    """Point ``handler``'s counting at the node's registry, if it is an exporter (has ``bind_metrics``)."""
+def bind_exporter_metrics(handler: Any, metrics: Any, consumer: str) -> None:
+    """Point ``handler``'s counting at the node's :class:`Metrics`, if it has ``bind_metrics``."""
     bind = getattr(handler, "bind_metrics", None)
     if bind is not None:
         bind(metrics, consumer)
