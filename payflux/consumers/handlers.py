@@ -21,7 +21,8 @@ is not a JSON object are never handed to the handler: they fail with :class:`Mal
 in their batch and so reach the dead-letter stream through the normal path.
 
 ``load_handler`` builds a handler from a config string: a built-in name (``log``, ``noop``, or
-an exporter of :data:`EXPORTERS`: ``file``, ``webhook``, ``kafka``, ``parquet``) or
+one of :data:`LAZY_BUILTINS`: the exporters ``file``, ``webhook``, ``kafka``, ``parquet`` and
+the risk consumer ``risk``) or
 ``package.module:attr``, where ``attr(reactor=reactor, **options)`` returns the handler.
 """
 
@@ -200,13 +201,15 @@ class NoopHandler:
 
 BUILTINS: dict[str, Callable[..., Any]] = {"log": LogHandler, "noop": NoopHandler}
 
-# Built-in exporters, imported only when configured (kafka and parquet need optional extras):
+# Built-in exporters and the risk consumer, imported only when configured (kafka and parquet
+# need optional extras):
 # name -> ("package.module:attr", the pip extra that provides its dependencies or None).
-EXPORTERS: dict[str, tuple[str, str | None]] = {
+LAZY_BUILTINS: dict[str, tuple[str, str | None]] = {
     "file": ("payflux.exporters.file:FileExporter", None),
     "webhook": ("payflux.exporters.webhook:WebhookExporter", None),
     "kafka": ("payflux.exporters.kafka:KafkaExporter", "kafka"),
     "parquet": ("payflux.exporters.warehouse:ParquetExporter", "warehouse"),
+    "risk": ("payflux.risk.handler:RiskHandler", None),
 }
 
 
@@ -221,12 +224,12 @@ def load_handler(spec: str, options: dict, reactor: Any) -> Any:
         factory = BUILTINS[spec]
     else:
         target = spec
-        if spec in EXPORTERS:
-            target, extra = EXPORTERS[spec]
+        if spec in LAZY_BUILTINS:
+            target, extra = LAZY_BUILTINS[spec]
         module_name, sep, attr = target.partition(":")
         if not sep or not module_name or not attr:
             raise ValueError(
-                f"handler {spec!r}: not a built-in ({', '.join(sorted([*BUILTINS, *EXPORTERS]))})"
+                f"handler {spec!r}: not a built-in ({', '.join(sorted([*BUILTINS, *LAZY_BUILTINS]))})"
                 " nor 'package.module:attr'"
             )
         try:
