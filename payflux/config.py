@@ -324,6 +324,13 @@ class Settings:
     dlq_max_length: int
     consumers: tuple[ConsumerConfig, ...] = ()
 
+    @property
+    def redis_cluster(self) -> bool:
+        """True when ``redis_url`` names a Redis Cluster (``redis+cluster://``)."""
+        from payflux.streams.connection import parse_redis_url
+
+        return bool(self.redis_url) and parse_redis_url(self.redis_url).cluster
+
     def retention(self) -> RetentionConfig:
         return RetentionConfig(
             max_age=self.retention_max_age,

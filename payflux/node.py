@@ -202,6 +202,7 @@ def _add_consumers(
             reactor,
             ready=pool.whenConnected,
             grace=settings.shutdown_grace,
+            per_partition_reads=settings.redis_cluster,
         )
         consumer.setServiceParent(node)
         ReclaimService(

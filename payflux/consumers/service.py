@@ -7,6 +7,11 @@ Contract (docs/stream-format.md, "Consumer groups"):
   stays pending until acked), on a dedicated blocking connection: first this consumer's own
   pending entries (id ``0``, then the last id read, per partition until that partition returns
   none), then new entries (``>``).
+- One XREADGROUP names every partition's stream.  On a Redis Cluster (``per_partition_reads``)
+  the partitions' streams live in different slots, which one command can't span: each partition
+  is then read by its own XREADGROUP on its own connection, all outstanding at once, and
+  whichever answer first are handed over together (nothing read is ever dropped: replies that
+  arrive while the handler is busy wait for the next free slot).
 - At most ``config.concurrency`` batches are with the handler at once; the next read is only
   sent when a slot is free.
 - An entry is acknowledged (XACK, batched per partition) only after the handler completed it.
@@ -110,11 +115,7 @@ def open_read_connection(target: Any, block_ms: int, connect_timeout: float = 5.
     """
     from payflux.streams.connection import connect
 
-    handler = connect(target, 1, connect_timeout, reply_timeout=block_ms / 1000 + 5)
-    factory = getattr(handler, "_factory", None)
-    if factory is not None and _DecodingProtocol is not None:
-        factory.protocol = _DecodingProtocol
-    return handler
+    return connect(target, 1, connect_timeout, reply_timeout=block_ms / 1000 + 5, protocol=_DecodingProtocol)
 
 
 def _decoding_protocol() -> Any:
@@ -156,6 +157,7 @@ class ConsumerService(Service):
         ready: Callable[[], defer.Deferred] | None = None,
         grace: float = 10.0,
         last_errors: dict | None = None,
+        per_partition_reads: bool = False,
     ) -> None:
         if partitions < 1:
             raise ValueError("partitions must be >= 1")
@@ -181,7 +183,12 @@ class ConsumerService(Service):
         self.m_errors = metrics.read_errors.labels(**labels)
         self._streams = [keys.events(p) for p in range(partitions)]
         self._partition_of = {k: p for p, k in enumerate(self._streams)}
-        self._blocking: Any = None
+        # streams read together by one XREADGROUP (each group on its own connection)
+        self._read_groups = [[k] for k in self._streams] if per_partition_reads else [self._streams]
+        self._blocking: list[Any] | None = None
+        self._outstanding: dict[int, defer.Deferred] = {}
+        self._replies: list[Any] = []  # read replies (or failures) not yet returned by _read
+        self._wake: defer.Deferred | None = None
         self._loop: defer.Deferred | None = None
         self._sleep: defer.Deferred | None = None
         self._slot_waiter: defer.Deferred | None = None
@@ -201,16 +208,16 @@ class ConsumerService(Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         self._stopping = True
-        for d in (self._sleep, self._slot_waiter):
+        for d in (self._sleep, self._slot_waiter, self._wake):
             if d is not None and not d.called:
                 d.cancel()
         blocking, self._blocking = self._blocking, None
-        return defer.ensureDeferred(self._drain(blocking))
+        return defer.ensureDeferred(self._drain(blocking or []))
 
-    async def _drain(self, blocking: Any) -> None:
-        if blocking is not None:
+    async def _drain(self, blocking: list[Any]) -> None:
+        for connection in blocking:
             try:
-                await blocking.disconnect()
+                await connection.disconnect()
             except Exception:
                 log.failure("consumer {consumer}: closing the read connection failed", consumer=self.config.name)
         pending = list(self._in_flight)
@@ -251,7 +258,7 @@ class ConsumerService(Service):
                 if self._stopping:
                     break
                 if self._blocking is None:
-                    self._blocking = self.open_blocking()
+                    self._blocking = [self.open_blocking() for _ in self._read_groups]
                 reply = await self._read(cursors)
                 failures = 0
             except Exception:
@@ -262,7 +269,7 @@ class ConsumerService(Service):
                 if is_error(failure, "NOGROUP"):
                     await self._sleep_for(backoff(failures) if failures > 1 else 0)
                     await self._recreate_group()
-                    cursors = {k: "0" for k in self._streams}
+                    cursors.update({k: "0" for k in self._streams})  # in place: reads in flight share it
                 else:
                     self.m_errors.inc()
                     log_step_failure(log, failure, "consumer {consumer}: read failed, retrying in {delay}s",
@@ -274,16 +281,50 @@ class ConsumerService(Service):
             if reply:
                 self._dispatch(reply, cursors)
 
-    async def _read(self, cursors: dict[str, str]) -> Any:
-        replaying = [k for k, c in cursors.items() if c != ">"]
+    async def _read(self, cursors: dict[str, str]) -> list:
+        """
+        The next entries read: one read per read group outstanding at a time; returns what the
+        groups that answered first read (merged), raises the first failure among them (their
+        entries are kept for the next call).
+        """
+        if not self._replies:
+            for i, streams in enumerate(self._read_groups):
+                if i not in self._outstanding:
+                    d = defer.ensureDeferred(self._read_group(self._blocking[i], streams, cursors))
+                    self._outstanding[i] = d
+                    d.addBoth(self._read_done, i)
+        while not self._replies:
+            self._wake = defer.Deferred()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        finished, self._replies = self._replies, []
+        merged = [item for r in finished if not isinstance(r, Failure) and r for item in r]
+        failures = [f for f in finished if isinstance(f, Failure)]
+        if failures:
+            if merged:
+                self._replies.append(merged)
+            failures[0].raiseException()
+        return merged
+
+    def _read_done(self, result: Any, i: int) -> None:
+        self._outstanding.pop(i, None)
+        self._replies.append(result)
+        wake = self._wake
+        if wake is not None and not wake.called:
+            wake.callback(None)
+
+    async def _read_group(self, connection: Any, streams: list[str], cursors: dict[str, str]) -> Any:
+        replaying = [k for k in streams if cursors[k] != ">"]
         if replaying:
             # own pending entries first; XREADGROUP ignores BLOCK for non-">" ids anyway
             streams, ids = replaying, [cursors[k] for k in replaying]
             block: tuple[str, ...] = ()
         else:
-            streams, ids = self._streams, [">"] * len(self._streams)
+            ids = [">"] * len(streams)
             block = ("BLOCK", str(self.config.block_ms))
-        reply = await self._blocking.execute_command(
+        reply = await connection.execute_command(
             "XREADGROUP", "GROUP", self.config.group, self.consumer_name,
             "COUNT", str(self.config.batch_size), *block, "STREAMS", *streams, *ids,
         )

@@ -9,6 +9,10 @@ Redis URLs and connection pools.
   TLS with certificate and hostname verification against the platform trust
   store, or against ``ca_file`` when given
 - ``unix:///path/to.sock[?db=N&password=...&username=...]``
+- ``redis+cluster://[[user]:password@]host:port[,host:port...]`` a Redis Cluster: the listed
+  members are seeds for ``CLUSTER SLOTS``, commands go to the master owning their key's slot
+  (payflux/streams/cluster.py); ``rediss+cluster://`` the same over TLS (``?ca_file=`` as above).
+  No database number: a cluster has only database 0.
 
 User names and passwords may be percent-encoded. The password never appears
 in ``repr``/``str`` of a RedisTarget; log ``target.redacted()``.
@@ -33,7 +37,7 @@ DEFAULT_PORT = 6379
 class RedisTarget:
     """Where and how to connect; ``password`` is kept out of repr/str."""
 
-    scheme: str  # "redis", "rediss" or "unix"
+    scheme: str  # "redis", "rediss", "unix", "redis+cluster" or "rediss+cluster"
     host: str | None = None
     port: int | None = None
     path: str | None = None
@@ -41,10 +45,15 @@ class RedisTarget:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     ca_file: str | None = None
+    seeds: tuple[tuple[str, int], ...] = ()  # cluster members to ask for the slot table
 
     @property
     def tls(self) -> bool:
-        return self.scheme == "rediss"
+        return self.scheme in ("rediss", "rediss+cluster")
+
+    @property
+    def cluster(self) -> bool:
+        return self.scheme.endswith("+cluster")
 
     def redacted(self) -> str:
         """The target as a URL with the password replaced by ``***`` (for logs)."""
@@ -60,12 +69,17 @@ class RedisTarget:
             auth = f"{self.username or ''}:***@"
         elif self.username:
             auth = f"{self.username}@"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         extra = f"?ca_file={self.ca_file}" if self.ca_file else ""
-        return f"{self.scheme}://{auth}{host}:{self.port}/{self.db}{extra}"
+        if self.cluster:
+            return f"{self.scheme}://{auth}{','.join(_hostport(h, p) for h, p in self.seeds)}{extra}"
+        return f"{self.scheme}://{auth}{_hostport(self.host, self.port)}/{self.db}{extra}"
 
     def __str__(self) -> str:
         return self.redacted()
+
+
+def _hostport(host: str | None, port: int | None) -> str:
+    return f"[{host}]:{port}" if host and ":" in host else f"{host}:{port}"
 
 
 def _parse_db(raw: str, url_for_error: str) -> int:
@@ -118,8 +132,12 @@ def parse_redis_url(url: str) -> RedisTarget:
             password=_single(query, "password", shown),
         )
 
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _parse_cluster(scheme, parts, query, shown)
     if scheme not in ("redis", "rediss"):
-        raise ValueError(f"invalid Redis URL {shown}: scheme must be redis://, rediss:// or unix://")
+        raise ValueError(
+            f"invalid Redis URL {shown}: scheme must be redis://, rediss://, unix:// or redis+cluster://"
+        )
     if not parts.hostname:
         raise ValueError(f"invalid Redis URL {shown}: missing host")
     try:
@@ -153,6 +171,45 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
+def _parse_cluster(scheme: str, parts: Any, query: dict[str, list[str]], shown: str) -> RedisTarget:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS)."""
+    shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if parts.path.strip("/"):
+        raise ValueError(f"invalid Redis URL {shown}: a cluster has no database number (only database 0)")
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_text = item.rpartition(":")
+        if not host:
+            raise ValueError(f"invalid Redis URL {shown}: each cluster member must be host:port")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"invalid Redis URL {shown}: port of {host} must be an integer in 1-65535")
+        seeds.append((host, int(port_text)))
+    allowed = {"ca_file"} if scheme == "rediss+cluster" else set()
+    unknown = set(query) - allowed
+    if unknown:
+        raise ValueError(f"invalid Redis URL {shown}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return RedisTarget(
+        scheme=scheme,
+        host=seeds[0][0],
+        port=seeds[0][1],
+        username=username,
+        password=password,
+        ca_file=_single(query, "ca_file", shown),
+        seeds=tuple(dict.fromkeys(seeds)),
+    )
+
+
 def tls_options(target: RedisTarget) -> Any:
     """A verifying TLS client connection creator for a rediss:// target."""
     from twisted.internet import ssl
@@ -171,15 +228,23 @@ def connect(
     connect_timeout: float,
     reply_timeout: float | None,
     max_retry_delay: float = 2.0,
+    protocol: Any = None,
 ) -> Any:
     """
-    A lazy txredisapi pool handler for ``target``, reconnecting forever.
+    A lazy txredisapi pool handler for ``target``, reconnecting forever; for a cluster target a
+    :class:`payflux.streams.cluster.ClusterClient` with one such pool per master.
 
     ``convertNumbers`` is off: bulk replies are ``str`` (utf-8), never guessed
     into ints (an all-digit event id stays a string).  Reconnect backoff is
     capped at ``max_retry_delay`` seconds so the gateway is back soon after
     Redis is.  Close with ``handler.disconnect()``.
     """
+    if target.cluster:
+        from payflux.streams.cluster import ClusterClient
+
+        return ClusterClient(
+            target, lambda node: connect(node, poolsize, connect_timeout, reply_timeout, max_retry_delay, protocol)
+        )
     common: dict[str, Any] = dict(
         dbid=target.db or None,
         poolsize=poolsize,
@@ -205,4 +270,6 @@ def connect(
     if factory is not None:
         factory.maxDelay = max_retry_delay
         factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
+        if protocol is not None:
+            factory.protocol = protocol
     return handler

@@ -1,0 +1,348 @@
+"""
+Redis Cluster routing: which node owns a command's key, and following the cluster when it moves.
+
+Every key of one PayFlux partition carries the hash tag ``{p}`` (payflux/streams/keys.py), so a
+partition's stream, dedupe records and dead letters live in one hash slot and the append script,
+the dead-letter script and every per-partition command run on one node.  A deployment with N
+partitions spreads them over the masters that own their N slots.
+
+Routing (shared by the daemon's :class:`ClusterClient` and the CLI's ``SyncCluster``):
+
+- :func:`key_slot` is Redis Cluster's CRC16 (XMODEM) of the key, or of its hash tag, mod 16384.
+- :func:`command_key` names the key a command is routed by: the first key of ``EVAL``/``EVALSHA``,
+  ``XGROUP``/``XINFO <sub> key``, the first stream after ``STREAMS`` of ``XREAD[GROUP]``, the
+  first argument of every other keyed command; ``None`` for keyless commands.  Keyless ``PING``
+  and ``SCRIPT`` go to *every* master (a script must be loaded on the node that runs it, and
+  readiness means every master answers); other keyless commands go to any master.
+- The slot table comes from ``CLUSTER SLOTS`` (asked of a known master, then of the seed
+  addresses).  ``MOVED <slot> <addr>`` updates that slot at once, re-sends the command there and
+  refreshes the whole table in the background; ``ASK <slot> <addr>`` (a slot being migrated)
+  sends ``ASKING`` and the command on one connection to ``addr`` without touching the table;
+  ``TRYAGAIN`` (a multi-key command while the slot's keys are split between two nodes during a
+  migration) is retried after ``tryagain_delay``.  At most ``max_redirects`` redirections per
+  command; past them the command fails with a ``TRYAGAIN``-coded error, which the append path
+  answers with 503.
+- A MOVED/ASK reply means the command did *not* run, so following it never runs a command twice.
+  A lost connection is not retried here (the command may have run): the error goes to the caller
+  as on a single Redis, and the slot table is refreshed so the next command finds the new owner.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterable, Sequence
+
+import attrs
+import txredisapi
+from twisted.internet import defer, error as terror
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from payflux.streams.connection import RedisTarget
+
+log = Logger()
+
+SLOTS = 16384
+DEFAULT_MAX_REDIRECTS = 16
+DEFAULT_TRYAGAIN_DELAY = 0.05
+
+Address = tuple[str, int]
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def crc16(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with."""
+    crc = 0
+    for b in data:
+        crc = ((crc << 8) & 0xFF00) ^ _CRC16[((crc >> 8) ^ b) & 0xFF]
+    return crc
+
+
+def key_slot(key: str | bytes) -> int:
+    """The hash slot of ``key``: of its hash tag (first ``{...}``, non-empty) if it has one."""
+    data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1:end]
+    return crc16(data) % SLOTS
+
+
+def _name(arg: Any) -> str:
+    return (arg.decode("ascii", "replace") if isinstance(arg, (bytes, bytearray)) else str(arg)).upper()
+
+
+# Keyless commands sent to every master; anything else keyless goes to one.
+BROADCAST = frozenset({"PING", "SCRIPT"})
+KEYLESS = frozenset({"PING", "SCRIPT", "INFO", "CLUSTER", "ASKING", "AUTH", "SELECT", "TIME", "DBSIZE",
+                     "CONFIG", "CLIENT", "COMMAND", "HELLO", "ECHO", "LASTSAVE", "ROLE", "WAIT"})
+
+
+def command_key(args: Sequence[Any]) -> Any:
+    """The key ``args`` is routed by, or None for a keyless command (see the module docstring)."""
+    name = _name(args[0])
+    if name in KEYLESS:
+        return None
+    if name in ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"):
+        return args[3] if len(args) > 3 and int(args[2]) > 0 else None
+    if name in ("XGROUP", "XINFO", "OBJECT", "MEMORY"):
+        return args[2] if len(args) > 2 else None
+    if name in ("XREAD", "XREADGROUP"):
+        for i, a in enumerate(args):
+            if _name(a) == "STREAMS" and i + 1 < len(args):
+                return args[i + 1]
+        return None
+    return args[1] if len(args) > 1 else None
+
+
+def parse_redirect(message: str) -> tuple[str, int, Address] | None:
+    """``("MOVED"|"ASK", slot, (host, port))`` from a redirection error reply, else None."""
+    parts = message.split()
+    if len(parts) != 3 or parts[0] not in ("MOVED", "ASK"):
+        return None
+    host, _, port = parts[2].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return parts[0], int(parts[1]), (host.strip("[]"), int(port))
+
+
+def parse_slots(reply: Any, default_host: str) -> dict[int, Address]:
+    """
+    ``CLUSTER SLOTS`` -> {slot: master address} (each ``[start, end, master, replicas...]`` row
+    expanded).  An empty host (a node that doesn't know its own address) means the node we asked.
+    """
+    ranges: dict[int, Address] = {}
+    for row in reply or []:
+        start, end, master = int(row[0]), int(row[1]), row[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+        addr = (host or default_host, int(master[1]))
+        for slot in range(start, end + 1):
+            ranges[slot] = addr
+    return ranges
+
+
+class SlotTable:
+    """slot -> master address, with the set of masters it names."""
+
+    def __init__(self) -> None:
+        self._owner: list[Address | None] = [None] * SLOTS
+
+    @property
+    def loaded(self) -> bool:
+        return any(a is not None for a in self._owner)
+
+    def load(self, owners: dict[int, Address]) -> None:
+        table: list[Address | None] = [None] * SLOTS
+        for slot, addr in owners.items():
+            table[slot] = addr
+        self._owner = table
+
+    def owner(self, slot: int) -> Address | None:
+        return self._owner[slot]
+
+    def move(self, slot: int, addr: Address) -> None:
+        self._owner[slot] = addr
+
+    def masters(self) -> list[Address]:
+        return sorted({a for a in self._owner if a is not None})
+
+
+class ClusterError(txredisapi.ResponseError):
+    """Routing gave up (no slot owner known, too many redirections); the text starts with a Redis-like code."""
+
+
+def node_target(target: RedisTarget, addr: Address) -> RedisTarget:
+    """The single-node target for one cluster member: same credentials and TLS settings."""
+    return attrs.evolve(target, scheme="rediss" if target.tls else "redis", host=addr[0], port=addr[1], seeds=())
+
+
+class ClusterClient:
+    """
+    A txredisapi-like handler for a Redis Cluster: ``execute_command(*args) -> Deferred`` routed
+    by key (module docstring), ``disconnect()``.  ``connect_node(target)`` builds the lazy,
+    reconnecting txredisapi pool of one member (``payflux.streams.connection.connect`` with this
+    client's pool size and timeouts); a pool per master, created on first use.
+    """
+
+    cluster = True
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        connect_node: Callable[[RedisTarget], Any],
+        reactor: Any = None,
+        max_redirects: int = DEFAULT_MAX_REDIRECTS,
+        tryagain_delay: float = DEFAULT_TRYAGAIN_DELAY,
+    ) -> None:
+        if not target.seeds:
+            raise ValueError("a cluster target needs at least one seed address")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.target = target
+        self.reactor = reactor
+        self.max_redirects = max_redirects
+        self.tryagain_delay = tryagain_delay
+        self.slots = SlotTable()
+        self._connect_node = connect_node
+        self._nodes: dict[Address, Any] = {}
+        self._refresh_waiters: list[defer.Deferred] = []
+        self._closed = False
+
+    # -- nodes and the slot table ------------------------------------------------------------
+
+    def node(self, addr: Address) -> Any:
+        """The pool of the member at ``addr`` (created on first use)."""
+        if self._closed:
+            raise txredisapi.ConnectionError("cluster client is closed")
+        pool = self._nodes.get(addr)
+        if pool is None:
+            pool = self._nodes[addr] = self._connect_node(node_target(self.target, addr))
+        return pool
+
+    def refresh(self) -> defer.Deferred:
+        """Reload the slot table; concurrent callers share one CLUSTER SLOTS round."""
+        d: defer.Deferred = defer.Deferred()
+        self._refresh_waiters.append(d)
+        if len(self._refresh_waiters) == 1:
+            defer.ensureDeferred(self._refresh()).addBoth(self._refreshed)
+        return d
+
+    def _refreshed(self, result: Any) -> None:
+        waiters, self._refresh_waiters = self._refresh_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+
+    async def _refresh(self) -> None:
+        candidates = list(dict.fromkeys([*self.slots.masters(), *self.target.seeds]))
+        last: Exception | None = None
+        for addr in candidates:
+            try:
+                reply = await self.node(addr).execute_command("CLUSTER", "SLOTS")
+            except Exception as e:  # noqa: BLE001 - try the next member
+                last = e
+                continue
+            owners = parse_slots(reply, addr[0])
+            if not owners:
+                last = ClusterError(f"CLUSTERDOWN {addr[0]}:{addr[1]} reports no slots")
+                continue
+            before = self.slots.masters()
+            self.slots.load(owners)
+            if self.slots.masters() != before:
+                log.info("redis cluster: {count} masters {masters}", count=len(self.slots.masters()),
+                         masters=", ".join(f"{h}:{p}" for h, p in self.slots.masters()))
+            self._drop_unused()
+            return
+        raise txredisapi.ConnectionError(f"no cluster member answered CLUSTER SLOTS (last error: {last})")
+
+    def _drop_unused(self) -> None:
+        masters = set(self.slots.masters())
+        for addr in [a for a in self._nodes if a not in masters and a not in self.target.seeds]:
+            self._nodes.pop(addr).disconnect()
+
+    def _refresh_soon(self) -> None:
+        self.refresh().addErrback(lambda f: log.debug("slot refresh failed: {e}", e=f.getErrorMessage()))
+
+    async def _owner(self, slot: int) -> Address:
+        addr = self.slots.owner(slot)
+        if addr is None:
+            await self.refresh()
+            addr = self.slots.owner(slot)
+            if addr is None:
+                raise ClusterError(f"CLUSTERDOWN hash slot {slot} is not served by any known master")
+        return addr
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        return defer.ensureDeferred(self._execute(args))
+
+    async def _execute(self, args: Sequence[Any]) -> Any:
+        key = command_key(args)
+        if key is None:
+            return await self._keyless(args)
+        slot = key_slot(key)
+        asking: Address | None = None
+        last = ""
+        for _ in range(self.max_redirects + 1):
+            addr = asking or await self._owner(slot)
+            try:
+                if asking is not None:
+                    return await self._asking(addr, args)
+                return await self.node(addr).execute_command(*args)
+            except txredisapi.ResponseError as e:
+                message = str(e)
+                redirect = parse_redirect(message)
+                if redirect is not None and redirect[0] == "MOVED":
+                    self.slots.move(redirect[1], redirect[2])
+                    self._refresh_soon()
+                    asking = None
+                elif redirect is not None:
+                    asking = redirect[2]
+                elif message.startswith("TRYAGAIN"):
+                    asking = None
+                    await _sleep(self.reactor, self.tryagain_delay)
+                else:
+                    raise
+                last = message
+            except (txredisapi.ConnectionError, terror.ConnectError, terror.ConnectionLost, terror.ConnectionDone,
+                    txredisapi.TimeoutError):
+                self._refresh_soon()
+                raise
+        raise ClusterError(f"TRYAGAIN slot {slot}: still redirected after {self.max_redirects} tries ({last})")
+
+    async def _asking(self, addr: Address, args: Sequence[Any]) -> Any:
+        # ASKING only lasts for the next command on the same connection: send both on one.
+        pool = self.node(addr)
+        factory = getattr(pool, "_factory", None)
+        if factory is None:  # a single connection (tests): already one connection
+            conn = pool
+        else:
+            conn = await factory.getConnection(peek=True)
+        asking = conn.execute_command("ASKING")
+        reply = conn.execute_command(*args)
+        await asking
+        return await reply
+
+    async def _keyless(self, args: Sequence[Any]) -> Any:
+        if not self.slots.loaded:
+            await self.refresh()
+        masters = self.slots.masters()
+        if _name(args[0]) not in BROADCAST:
+            return await self.node(random.choice(masters)).execute_command(*args)
+        replies = await defer.gatherResults(
+            [self.node(a).execute_command(*args) for a in masters], consumeErrors=True
+        ).addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        return replies[0]
+
+    def disconnect(self) -> defer.Deferred:
+        self._closed = True
+        nodes, self._nodes = self._nodes, {}
+        return defer.DeferredList([n.disconnect() for n in nodes.values()], consumeErrors=True)
+
+    def partition_owners(self, keys: Iterable[str]) -> dict[str, Address | None]:
+        """Which master serves each key now (for logs, the CLI and tests)."""
+        return {k: self.slots.owner(key_slot(k)) for k in keys}
+
+
+def _sleep(reactor: Any, seconds: float) -> defer.Deferred:
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
