@@ -195,10 +195,10 @@ def _redis_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _connect(args: argparse.Namespace) -> tuple[Any, Any, int]:
-    """(SyncRedis, StreamKeys, partitions) from the options and the daemon's settings loader."""
+    """(SyncRedis or SyncCluster, StreamKeys, partitions) from the options and the daemon's settings loader."""
     from payflux.config import ConfigError, load_settings
     from payflux.streams.keys import StreamKeys
-    from payflux.streams.syncredis import SyncRedis
+    from payflux.streams.syncredis import open_sync
 
     # The CLI never authenticates producers: insecure_dev_mode only lifts the daemon's
     # "ingest needs API keys" check so an operator box without keys can use the CLI.
@@ -215,7 +215,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, int]:
             raise CommandError(f"no Redis URL configured and no embedded Redis socket at {socket_path} "
                                "(is the node running with this --data-dir? or pass --redis-url)")
         url = f"unix://{socket_path}"
-    return SyncRedis.from_url(url, timeout=args.timeout), StreamKeys(settings.stream_prefix), settings.partitions
+    return open_sync(url, timeout=args.timeout), StreamKeys(settings.stream_prefix), settings.partitions
 
 
 def _age(seconds: float | None) -> str:

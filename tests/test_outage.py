@@ -16,7 +16,9 @@ class OutageTests(SynchronousTestCase):
     def test_classification(self):
         for e in [txredisapi.ConnectionError("Lost connection"), txredisapi.TimeoutError("slow"),
                   defer.TimeoutError(), error.ConnectionRefusedError(), error.ConnectionLost(),
-                  RedisUnavailable("down")]:
+                  RedisUnavailable("down"), txredisapi.ResponseError("CLUSTERDOWN The cluster is down"),
+                  txredisapi.ResponseError("LOADING Redis is loading the dataset in memory"),
+                  txredisapi.ResponseError("TRYAGAIN Multiple keys request during rehashing of slot")]:
             self.assertTrue(is_outage(Failure(e)), e)
         for e in [ValueError("bug"), txredisapi.ResponseError("WRONGTYPE"), KeyError("x")]:
             self.assertFalse(is_outage(Failure(e)), e)

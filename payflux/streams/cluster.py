@@ -186,6 +186,7 @@ class ClusterClient:
         reactor: Any = None,
         max_redirects: int = DEFAULT_MAX_REDIRECTS,
         tryagain_delay: float = DEFAULT_TRYAGAIN_DELAY,
+        connect_timeout: float = 5.0,
     ) -> None:
         if not target.seeds:
             raise ValueError("a cluster target needs at least one seed address")
@@ -197,11 +198,14 @@ class ClusterClient:
         self.reactor = reactor
         self.max_redirects = max_redirects
         self.tryagain_delay = tryagain_delay
+        self.connect_timeout = connect_timeout
         self.slots = SlotTable()
         self._connect_node = connect_node
         self._nodes: dict[Address, Any] = {}
         self._refresh_waiters: list[defer.Deferred] = []
         self._closed = False
+        self._waits: set[defer.Deferred] = set()  # callers waiting for a member's connection
+        self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0}  # followed so far (tests, logs)
 
     # -- nodes and the slot table ------------------------------------------------------------
 
@@ -235,7 +239,7 @@ class ClusterClient:
         last: Exception | None = None
         for addr in candidates:
             try:
-                reply = await self.node(addr).execute_command("CLUSTER", "SLOTS")
+                reply = await (await self._connection(addr)).execute_command("CLUSTER", "SLOTS")
             except Exception as e:  # noqa: BLE001 - try the next member
                 last = e
                 continue
@@ -284,12 +288,16 @@ class ClusterClient:
         for _ in range(self.max_redirects + 1):
             addr = asking or await self._owner(slot)
             try:
+                conn = await self._connection(addr)
                 if asking is not None:
-                    return await self._asking(addr, args)
-                return await self.node(addr).execute_command(*args)
+                    return await self._asking(conn, args)
+                return await conn.execute_command(*args)
             except txredisapi.ResponseError as e:
                 message = str(e)
                 redirect = parse_redirect(message)
+                code = redirect[0] if redirect is not None else message.split(" ", 1)[0]
+                if code in self.redirects:
+                    self.redirects[code] += 1
                 if redirect is not None and redirect[0] == "MOVED":
                     self.slots.move(redirect[1], redirect[2])
                     self._refresh_soon()
@@ -303,19 +311,41 @@ class ClusterClient:
                     raise
                 last = message
             except (txredisapi.ConnectionError, terror.ConnectError, terror.ConnectionLost, terror.ConnectionDone,
-                    txredisapi.TimeoutError):
+                    txredisapi.TimeoutError, defer.TimeoutError):
                 self._refresh_soon()
                 raise
         raise ClusterError(f"TRYAGAIN slot {slot}: still redirected after {self.max_redirects} tries ({last})")
 
-    async def _asking(self, addr: Address, args: Sequence[Any]) -> Any:
-        # ASKING only lasts for the next command on the same connection: send both on one.
+    async def _connection(self, addr: Address) -> Any:
+        """
+        A live connection of the member at ``addr``, waiting at most ``connect_timeout`` for one:
+        txredisapi would wait forever for a member that is down, and every caller (an append,
+        a consumer's read, a shutdown waiting for either) must hear "down" instead.
+        """
         pool = self.node(addr)
         factory = getattr(pool, "_factory", None)
-        if factory is None:  # a single connection (tests): already one connection
-            conn = pool
-        else:
-            conn = await factory.getConnection(peek=True)
+        if factory is None:  # already a single connection
+            return pool
+        waiting = factory.getConnection(peek=True)
+        if waiting.called:
+            return await waiting
+        result: defer.Deferred = defer.Deferred()
+        waiting.addBoth(lambda r: None if result.called else result.callback(r))
+        timer = self.reactor.callLater(self.connect_timeout, lambda: result.called or result.errback(
+            txredisapi.ConnectionError(f"redis cluster member {addr[0]}:{addr[1]} is not reachable")))
+        self._waits.add(result)
+        try:
+            outcome = await result
+        finally:
+            self._waits.discard(result)
+            if timer.active():
+                timer.cancel()
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        return outcome
+
+    async def _asking(self, conn: Any, args: Sequence[Any]) -> Any:
+        # ASKING only lasts for the next command on the same connection: send both on one.
         asking = conn.execute_command("ASKING")
         reply = conn.execute_command(*args)
         await asking
@@ -326,14 +356,21 @@ class ClusterClient:
             await self.refresh()
         masters = self.slots.masters()
         if _name(args[0]) not in BROADCAST:
-            return await self.node(random.choice(masters)).execute_command(*args)
+            return await (await self._connection(random.choice(masters))).execute_command(*args)
+
+        async def one(addr: Address) -> Any:
+            return await (await self._connection(addr)).execute_command(*args)
+
         replies = await defer.gatherResults(
-            [self.node(a).execute_command(*args) for a in masters], consumeErrors=True
+            [defer.ensureDeferred(one(a)) for a in masters], consumeErrors=True
         ).addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         return replies[0]
 
     def disconnect(self) -> defer.Deferred:
         self._closed = True
+        for waiting in list(self._waits):
+            if not waiting.called:
+                waiting.errback(txredisapi.ConnectionError("cluster client is closed"))
         nodes, self._nodes = self._nodes, {}
         return defer.DeferredList([n.disconnect() for n in nodes.values()], consumeErrors=True)
 

@@ -243,7 +243,9 @@ def connect(
         from payflux.streams.cluster import ClusterClient
 
         return ClusterClient(
-            target, lambda node: connect(node, poolsize, connect_timeout, reply_timeout, max_retry_delay, protocol)
+            target,
+            lambda node: connect(node, poolsize, connect_timeout, reply_timeout, max_retry_delay, protocol),
+            connect_timeout=connect_timeout,
         )
     common: dict[str, Any] = dict(
         dbid=target.db or None,

@@ -26,12 +26,16 @@ _OUTAGE = (
 
 
 def is_outage(failure: Failure | BaseException) -> bool:
-    """True when the failure means Redis is unreachable or not answering (not a bug)."""
+    """True when the failure means Redis is unreachable, not answering or refusing to serve (not a bug)."""
     value = failure.value if isinstance(failure, Failure) else failure
     if isinstance(value, _OUTAGE):
         return True
-    from payflux.streams.writer import RedisUnavailable
+    from payflux.streams.writer import _UNAVAILABLE_CODES, RedisUnavailable
 
+    # error replies of a Redis that can't serve right now: LOADING, CLUSTERDOWN (a cluster
+    # that lost a master), TRYAGAIN, READONLY, MASTERDOWN, ...
+    if isinstance(value, txredisapi.ResponseError) and _UNAVAILABLE_CODES.search(str(value)):
+        return True
     return isinstance(value, RedisUnavailable)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
 import ssl
 from typing import Any, Sequence
 
@@ -206,3 +207,105 @@ class SyncRedis:
             if not str(e).startswith("NOSCRIPT"):
                 raise
         return self.command("EVAL", script, len(keys), *keys, *args)
+
+
+class SyncCluster:
+    """
+    The CLI's client for a Redis Cluster (``redis+cluster://``): the same ``command`` /
+    ``eval_script`` interface as :class:`SyncRedis`, each command sent to the master owning its
+    key's slot (routing and redirections as in :mod:`payflux.streams.cluster`); one
+    :class:`SyncRedis` per member, opened on first use.
+    """
+
+    def __init__(self, target: RedisTarget, timeout: float = 5.0, max_redirects: int = 16) -> None:
+        from payflux.streams.cluster import SlotTable
+
+        self.target = target
+        self.timeout = timeout
+        self.max_redirects = max_redirects
+        self.where = target.redacted()
+        self.slots = SlotTable()
+        self._nodes: dict[tuple[str, int], SyncRedis] = {}
+        self._refresh()
+
+    def __enter__(self) -> "SyncCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        nodes, self._nodes = self._nodes, {}
+        for node in nodes.values():
+            node.close()
+
+    def _node(self, addr: tuple[str, int]) -> SyncRedis:
+        from payflux.streams.cluster import node_target
+
+        node = self._nodes.get(addr)
+        if node is None or node._sock is None:
+            node = self._nodes[addr] = SyncRedis.connect(node_target(self.target, addr), self.timeout)
+        return node
+
+    def _refresh(self) -> None:
+        from payflux.streams.cluster import parse_slots
+
+        last: Exception | None = None
+        for addr in dict.fromkeys([*self.slots.masters(), *self.target.seeds]):
+            try:
+                owners = parse_slots(self._node(addr).command("CLUSTER", "SLOTS"), addr[0])
+            except (RedisConnectionError, RedisReplyError) as e:
+                last = e
+                continue
+            if owners:
+                self.slots.load(owners)
+                return
+        raise RedisConnectionError(f"no member of the Redis Cluster {self.where} answered CLUSTER SLOTS ({last})")
+
+    def command(self, *args: Any) -> Any:
+        """Send one command to the master owning its key (keyless PING/SCRIPT: every master)."""
+        from payflux.streams.cluster import BROADCAST, _name, command_key, key_slot, parse_redirect
+
+        key = command_key(args)
+        if key is None:
+            masters = self.slots.masters()
+            if _name(args[0]) in BROADCAST:
+                return [self._node(a).command(*args) for a in masters][0]
+            return self._node(masters[0]).command(*args)
+        slot = key_slot(key)
+        asking: tuple[str, int] | None = None
+        for _ in range(self.max_redirects + 1):
+            addr = asking or self.slots.owner(slot)
+            if addr is None:
+                self._refresh()
+                addr = self.slots.owner(slot)
+                if addr is None:
+                    raise RedisReplyError(f"CLUSTERDOWN hash slot {slot} is not served")
+            node = self._node(addr)
+            try:
+                if asking is not None:
+                    node.command("ASKING")
+                return node.command(*args)
+            except RedisReplyError as e:
+                redirect = parse_redirect(str(e))
+                if redirect is None:
+                    if not str(e).startswith("TRYAGAIN"):
+                        raise
+                    asking = None
+                    time.sleep(0.05)
+                elif redirect[0] == "MOVED":
+                    self.slots.move(redirect[1], redirect[2])
+                    asking = None
+                else:
+                    asking = redirect[2]
+        raise RedisReplyError(f"TRYAGAIN slot {slot}: still redirected after {self.max_redirects} tries")
+
+    eval_script = SyncRedis.eval_script
+
+
+def open_sync(url: str, timeout: float = 5.0) -> "SyncRedis | SyncCluster":
+    """A :class:`SyncRedis`, or a :class:`SyncCluster` for a ``redis+cluster://`` URL."""
+    target = parse_redis_url(url)
+    if target.cluster:
+        return SyncCluster(target, timeout)
+    return SyncRedis.connect(target, timeout)

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from tests.support.redis import RedisProcess, RedisReplyError
+from tests.support.redis import RedisProcess, RedisReplyError, free_cluster_port
 
 
 def redis_cli_for(server_binary: str) -> str | None:
@@ -38,7 +38,7 @@ class RedisCluster:
             RedisProcess(binary, testcase=testcase, extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", "5000", "--cluster-require-full-coverage", "yes",
-            ])
+            ], pick_port=free_cluster_port)
             for _ in range(masters)
         ]
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]

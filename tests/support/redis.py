@@ -14,6 +14,7 @@ reason when a version's binary is missing.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -72,6 +73,21 @@ def free_port() -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        if port != 6379:
+            return port
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, and its cluster bus port (+10000) free too."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
+            port = random.randint(20000, 55535)
+            try:
+                s.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
         if port != 6379:
             return port
 
@@ -165,8 +181,10 @@ class RedisProcess:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         extra_args: list[str] | None = None,
+        pick_port: Any = free_port,
     ) -> None:
         self.binary = binary
+        self._pick_port = pick_port
         v = binary_version(binary)
         self.version = ".".join(map(str, v)) if v else "unknown"
         self.appendonly = appendonly
@@ -174,7 +192,7 @@ class RedisProcess:
         self.extra_args = list(extra_args or [])
         self.dir = tempfile.mkdtemp(prefix="payflux-redis-")
         self.unix_path = os.path.join(self.dir, "redis.sock")
-        self.port = free_port()
+        self.port = pick_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
         if testcase is not None:
@@ -187,7 +205,7 @@ class RedisProcess:
                 # the free port may have been taken by someone else since we probed it
                 if attempt == 4 or "Address already in use" not in self.log_tail():
                     raise
-                self.port = free_port()
+                self.port = self._pick_port()
                 self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def _args(self) -> list[str]:
