@@ -236,6 +236,17 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _cluster_nodes(redis: Any, streams: list[str]) -> dict[str, str]:
+    """On a Redis Cluster: stream -> "host:port" of the master serving it (else empty)."""
+    slots = getattr(redis, "slots", None)
+    if slots is None:
+        return {}
+    from payflux.streams.cluster import key_slot
+
+    owners = {s: slots.owner(key_slot(s)) for s in streams}
+    return {s: f"{a[0]}:{a[1]}" if a else "unserved" for s, a in owners.items()}
+
+
 def _stream(argv: Sequence[str]) -> int:
     from payflux.consumers.inspect import partition_steps, run_sync
 
@@ -247,11 +258,14 @@ def _stream(argv: Sequence[str]) -> int:
     with redis:
         now = time.time()
         facts = [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
+        nodes = _cluster_nodes(redis, [f.stream for f in facts])
     if args.json:
-        print(json.dumps({"partitions": [f.as_dict() for f in facts]}, indent=2))
+        print(json.dumps({"partitions": [{**f.as_dict(), **({"node": nodes[f.stream]} if nodes else {})}
+                                         for f in facts]}, indent=2))
         return 0
     for f in facts:
-        print(f"partition {f.partition}  {f.stream}")
+        where = f"  on {nodes[f.stream]}" if nodes else ""
+        print(f"partition {f.partition}  {f.stream}{where}")
         print(f"  length {f.length}   first {f.first_id or '-'}   last {f.last_id or '-'}   "
               f"dead letters {f.dlq_depth} ({f.dlq})")
         if not f.groups:

@@ -22,8 +22,8 @@ import sys
 from typing import Any
 
 import attrs
-
 import txredisapi
+from prometheus_client.core import CounterMetricFamily
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -269,7 +269,7 @@ class _TaggedRequest(BoundedRequest):
         super().process()
 
 
-def add_redis(node: Node, settings: Settings, reactor) -> RedisPool:
+def add_redis(node: Node, settings: Settings, reactor, metrics: Metrics | None = None) -> RedisPool:
     """The embedded redis-server (when no ``redis_url``) and the pool, added to ``node``."""
     if settings.redis_url:
         url = settings.redis_url
@@ -290,7 +290,29 @@ def add_redis(node: Node, settings: Settings, reactor) -> RedisPool:
         connect_timeout=settings.redis_timeout,
     )
     pool.setServiceParent(node)
+    if settings.redis_cluster and metrics is not None:
+        metrics.registry.register(ClusterRedirects(pool))
     return pool
+
+
+class ClusterRedirects:
+    """``payflux_redis_cluster_redirects_total{kind}``: MOVED/ASK/TRYAGAIN the node's pool followed."""
+
+    def __init__(self, pool: RedisPool):
+        self._pool = pool
+
+    def describe(self):
+        return [CounterMetricFamily("payflux_redis_cluster_redirects", "Cluster redirections followed.",
+                                    labels=["kind"])]
+
+    def collect(self):
+        family = CounterMetricFamily("payflux_redis_cluster_redirects",
+                                     "Cluster redirections followed (MOVED, ASK) and TRYAGAIN retries.",
+                                     labels=["kind"])
+        counts = getattr(self._pool.handler, "redirects", None) or {}
+        for kind in ("MOVED", "ASK", "TRYAGAIN"):
+            family.add_metric([kind], counts.get(kind, 0))
+        yield family
 
 
 def add_background(node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor,
@@ -333,7 +355,7 @@ def build_node(
     """
     node = Node()
     metrics = Metrics()
-    pool = add_redis(node, settings, reactor)
+    pool = add_redis(node, settings, reactor, metrics)
 
     keys = StreamKeys(settings.stream_prefix)
     writer = StreamWriter(

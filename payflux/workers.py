@@ -345,7 +345,7 @@ def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, 
     """The supervisor's services (see the module docstring); ``settings.workers`` > 1."""
     node = Node()
     metrics = Metrics()
-    pool = add_redis(node, settings, reactor)
+    pool = add_redis(node, settings, reactor, metrics)
     keys = StreamKeys(settings.stream_prefix)
 
     def ping() -> Deferred:

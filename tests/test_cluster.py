@@ -253,8 +253,13 @@ class ClusterMixin:
             f'options = {{ key = "{key}", fail_types = ["payment_disputed"] }}',
         ]) + "\n"
         node = await start_node(self, self.cluster.url, config_text=config, partitions=PARTITIONS)
+        self.assertEqual((await node.get("/ready", side=True)).code, 200)  # the node's pool knows the slots
         events = [sample_event(n) for n in range(60)]
         bad = sample_event(99, event_type="payment_disputed")
+        moved_partition = partition_for(events[0]["merchant_id_hash"], PARTITIONS)
+        slot = key_slot(KEYS.events(moved_partition))
+        await threads.deferToThread(self.cluster.migrate_slot, slot,
+                                    next(n for n in self.cluster.nodes if n is not self.cluster.owner(slot)))
         response = await node.post("/v1/events/payment_exhaust/batch",
                                    "\n".join(json.dumps(e) for e in [*events, bad]), "application/x-ndjson")
         self.assertEqual(response.code, 202, await response.text())
@@ -268,6 +273,10 @@ class ClusterMixin:
         await wait_for(lambda: self.cluster.command(dlq, "XLEN", dlq) == 1, what="the bad event dead-lettered")
         ready = await node.get("/ready", side=True)
         self.assertEqual(ready.code, 200)
+        text = await (await node.get("/metrics", side=True)).text()
+        moved = [line for line in text.splitlines() if line.startswith('payflux_redis_cluster_redirects_total{kind="MOVED"}')]
+        self.assertEqual(len(moved), 1, text)
+        self.assertGreaterEqual(float(moved[0].split()[-1]), 1.0)
         out = await threads.deferToThread(
             subprocess.run, [*PAYFLUX, "stream", "info", "--redis-url", self.cluster.url, "--partitions",
                              str(PARTITIONS), "--json"], capture_output=True, timeout=60, env=clean_env())
@@ -275,6 +284,7 @@ class ClusterMixin:
         info = json.loads(out.stdout)["partitions"]
         self.assertEqual(sum(p["length"] for p in info), 61)
         self.assertEqual(sum(p["dlq_depth"] for p in info), 1)
+        self.assertEqual({p["node"] for p in info}, {f"127.0.0.1:{n.port}" for n in self.cluster.nodes})
         # a master going away: /ready turns 503 (PING goes to every master)
         self.cluster.nodes[1].kill()
         await wait_for_deferred(lambda: node.get("/ready", side=True), lambda r: r.code == 503)
