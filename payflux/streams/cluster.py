@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from payflux.streams.connection import RedisTarget
+from payflux.streams.resp import accepts_encoded
 
 log = Logger()
 
@@ -178,6 +179,7 @@ class ClusterClient:
     """
 
     cluster = True
+    routes_encoded = True  # execute_command(Encoded(...), route_key=key): see StreamWriter._send
 
     def __init__(
         self,
@@ -275,11 +277,15 @@ class ClusterClient:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def execute_command(self, *args: Any, **kwargs: Any) -> defer.Deferred:
-        return defer.ensureDeferred(self._execute(args))
+    def execute_command(self, *args: Any, route_key: Any = None, **kwargs: Any) -> defer.Deferred:
+        """
+        Send ``args`` to the master owning its key.  ``route_key`` names the key for a command
+        already RESP-encoded by PayFlux (``resp.Encoded``), which can't be parsed for one.
+        """
+        return defer.ensureDeferred(self._execute(args, route_key))
 
-    async def _execute(self, args: Sequence[Any]) -> Any:
-        key = command_key(args)
+    async def _execute(self, args: Sequence[Any], route_key: Any = None) -> Any:
+        key = route_key if route_key is not None else command_key(args)
         if key is None:
             return await self._keyless(args)
         slot = key_slot(key)
@@ -289,6 +295,8 @@ class ClusterClient:
             addr = asking or await self._owner(slot)
             try:
                 conn = await self._connection(addr)
+                if route_key is not None:
+                    accepts_encoded(conn)
                 if asking is not None:
                     return await self._asking(conn, args)
                 return await conn.execute_command(*args)

@@ -356,6 +356,8 @@ class StreamWriter:
 
     def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred:
         args = append_args(self.keys, partition, segments, self.dedupe_window_ms, self.max_stream_length)
+        if self.encode and getattr(conn, "routes_encoded", False):  # a cluster client: route by the stream key
+            return conn.execute_command(_Encoded(encode_command(args)), route_key=args[3])
         if self.encode and _accepts_encoded(conn):
             return conn.execute_command(_Encoded(encode_command(args)))
         return conn.execute_command(*args)
