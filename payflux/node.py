@@ -191,6 +191,9 @@ def _add_consumers(
         config = attrs.evolve(config, consumer_name=name)
         handler = handlers.get(config.name) or load_handler(config.handler, config.options, reactor)
         bind_exporter_metrics(handler, metrics, config.name)
+        bind_redis = getattr(handler, "bind_redis", None)  # handlers that write to Redis (risk alerts)
+        if bind_redis is not None:
+            bind_redis(pool, keys)
         consumer = ConsumerService(
             config,
             handler,
