@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from payflux.consumers.handlers import (
     EntriesFailed,
+    Entry,
     LogHandler,
     MalformedEntry,
     NoopHandler,
@@ -349,6 +350,9 @@ class HandlerProtocolTests(unittest.TestCase):
     def test_decode_entry_rejects_unusable_entries(self):
         ok = ["v", "1", "event_id", "e", "type", "t", "received_at", "5", "data", json.dumps({"a": 1})]
         self.assertEqual(decode_entry("1-0", 0, ok, 1).event, {"a": 1})
+        # the append script's layout takes a fast path; any other field order the general one
+        self.assertEqual(decode_entry("1-0", 3, ok, 2), Entry("1-0", 3, "e", 5, "1", {"a": 1}, 2, "t"))
+        self.assertEqual(decode_entry("1-0", 3, ok[2:4] + ok[:2] + ok[4:], 2), decode_entry("1-0", 3, ok, 2))
         for fields, why in [
             (None, "deleted"),
             (ok[:8], "missing field(s): data"),

@@ -84,6 +84,17 @@ def decode_entry(stream_id: str, partition: int, fields: list[str] | None, deliv
     """Decode one XREADGROUP/XAUTOCLAIM entry (a flat field/value list); MalformedEntry if unusable."""
     if fields is None:
         raise MalformedEntry("entry was deleted from the stream")
+    if len(fields) == 10 and fields[0] == "v" and fields[1] == "1" and fields[2] == "event_id" \
+            and fields[4] == "type" and fields[6] == "received_at" and fields[8] == "data":
+        # the append script's exact layout (stream-format v1): no dict, same checks
+        try:
+            event = _loads(fields[9])
+            received_at_ms = int(fields[7])
+        except ValueError:
+            pass  # the general path below says which field is wrong
+        else:
+            if type(event) is dict:
+                return Entry(stream_id, partition, fields[3], received_at_ms, "1", event, deliveries, fields[5])
     f = dict(zip(fields[::2], fields[1::2]))
     missing = [name for name in REQUIRED_FIELDS if name not in f]
     if missing:
