@@ -261,7 +261,9 @@ class ClusterClient:
     def _drop_unused(self) -> None:
         masters = set(self.slots.masters())
         for addr in [a for a in self._nodes if a not in masters and a not in self.target.seeds]:
-            self._nodes.pop(addr).disconnect()
+            d = defer.maybeDeferred(self._nodes.pop(addr).disconnect)
+            d.addErrback(lambda f, a=addr: log.debug("closing {h}:{p} failed: {e}", h=a[0], p=a[1],
+                                                     e=f.getErrorMessage()))
 
     def _refresh_soon(self) -> None:
         self.refresh().addErrback(lambda f: log.debug("slot refresh failed: {e}", e=f.getErrorMessage()))
