@@ -299,3 +299,107 @@ async def wait_for_deferred(call: Any, predicate: Any, timeout: float = 15.0) ->
 
 
 redis_test_cases(ClusterMixin, globals())
+
+
+class FakeMember:
+    """A cluster member double: CLUSTER SLOTS from ``slots``, other commands from ``script`` in order."""
+
+    def __init__(self, slots: list, script: list | None = None, reachable: bool = True) -> None:
+        self.slots = slots
+        self.script = list(script or [])
+        self.sent: list[tuple] = []
+        if not reachable:
+            self._factory = type("F", (), {"getConnection": lambda _self, peek=False: defer.Deferred()})()
+
+    def execute_command(self, *args: Any) -> defer.Deferred:
+        self.sent.append(args)
+        if args[:2] == ("CLUSTER", "SLOTS"):
+            return defer.succeed(self.slots)
+        reply = self.script.pop(0) if self.script else "OK"
+        return defer.fail(reply) if isinstance(reply, Exception) else defer.succeed(reply)
+
+    def disconnect(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+
+class ClusterClientTests(unittest.TestCase):
+    """ClusterClient's redirect and failure handling with member doubles and a Clock."""
+
+    A, B = ("10.0.0.1", 7000), ("10.0.0.2", 7000)
+    SLOTS = [[0, 8191, [b"10.0.0.1", 7000, b"a"]], [8192, 16383, [b"10.0.0.2", 7000, b"b"]]]
+
+    def client(self, members: dict, **kw: Any):
+        from payflux.streams.cluster import ClusterClient
+
+        self.clock = task.Clock()
+        target = parse_redis_url("redis+cluster://10.0.0.1:7000")
+        return ClusterClient(target, lambda t: members[(t.host, t.port)], reactor=self.clock, **kw)
+
+    def test_moved_updates_the_slot_and_resends(self):
+        import txredisapi
+
+        slot = key_slot("foo")  # 12182: owned by B in the table
+        b = FakeMember(self.SLOTS, [txredisapi.ResponseError(f"MOVED {slot} 10.0.0.1:7000")])
+        a = FakeMember(self.SLOTS, ["v"])
+        c = self.client({self.A: a, self.B: b})
+        self.successResultOf(c.refresh())
+        a.slots = b.slots = [[0, 16383, [b"10.0.0.1", 7000, b"a"]]]  # the cluster moved everything to A
+        self.assertEqual(self.successResultOf(c.execute_command("GET", "foo")), "v")
+        self.assertEqual(c.slots.owner(slot), self.A)
+        self.assertEqual(c.redirects["MOVED"], 1)
+        self.assertIn(("GET", "foo"), a.sent)
+
+    def test_ask_sends_asking_on_the_target_and_keeps_the_table(self):
+        import txredisapi
+
+        slot = key_slot("foo")
+        b = FakeMember(self.SLOTS, [txredisapi.ResponseError(f"ASK {slot} 10.0.0.1:7000")])
+        a = FakeMember(self.SLOTS, ["OK", "v"])
+        c = self.client({self.A: a, self.B: b})
+        self.assertEqual(self.successResultOf(c.execute_command("GET", "foo")), "v")
+        self.assertEqual([s for s in a.sent if s[0] != "CLUSTER"], [("ASKING",), ("GET", "foo")])
+        self.assertEqual(c.slots.owner(slot), self.B)
+
+    def test_tryagain_is_retried_then_gives_up_with_a_503_code(self):
+        import txredisapi
+
+        from payflux.streams.writer import _UNAVAILABLE_CODES
+
+        b = FakeMember(self.SLOTS, [txredisapi.ResponseError("TRYAGAIN split slot")] * 10)
+        c = self.client({self.A: FakeMember(self.SLOTS), self.B: b}, max_redirects=3)
+        d = c.execute_command("EVALSHA", "sha", 1, "foo")
+        for _ in range(4):
+            self.clock.advance(c.tryagain_delay)
+        failure = self.failureResultOf(d)
+        self.assertTrue(str(failure.value).startswith("TRYAGAIN"))
+        self.assertTrue(_UNAVAILABLE_CODES.search(str(failure.value)))
+        self.assertEqual(len([s for s in b.sent if s[0] == "EVALSHA"]), 4)
+
+    def test_an_unreachable_member_fails_within_connect_timeout(self):
+        import txredisapi
+
+        c = self.client({self.A: FakeMember(self.SLOTS), self.B: FakeMember(self.SLOTS, reachable=False)},
+                        connect_timeout=2.0)
+        d = c.execute_command("GET", "foo")
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.failureResultOf(d, txredisapi.ConnectionError)
+        # the other master still answers
+        self.assertEqual(self.successResultOf(c.execute_command("GET", "bar")), "OK")  # bar: slot 5061, A
+
+    def test_disconnect_fails_callers_still_waiting_for_a_member(self):
+        import txredisapi
+
+        c = self.client({self.A: FakeMember(self.SLOTS), self.B: FakeMember(self.SLOTS, reachable=False)})
+        self.successResultOf(c.execute_command("GET", "bar"))
+        d = c.execute_command("GET", "foo")
+        self.successResultOf(c.disconnect())
+        self.failureResultOf(d, txredisapi.ConnectionError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_ping_and_script_go_to_every_master(self):
+        a, b = FakeMember(self.SLOTS, ["PONG"]), FakeMember(self.SLOTS, ["PONG"])
+        c = self.client({self.A: a, self.B: b})
+        self.assertEqual(self.successResultOf(c.execute_command("PING")), "PONG")
+        self.assertIn(("PING",), a.sent)
+        self.assertIn(("PING",), b.sent)
