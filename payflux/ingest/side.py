@@ -1,6 +1,7 @@
 """
 The side listener (``--metrics-listen``): /metrics, /health and /ready only, for Prometheus and
-load balancers, so they never compete with producers on the ingest port.
+load balancers, so they never compete with producers on the ingest port; plus the operator's
+status page, /status and /status.json (:mod:`payflux.observability.status`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from klein import Klein
 from twisted.web.server import Site
 
 from payflux.ingest.app import IngestApp, json_response, not_ready, quiet_site
+from payflux.observability.status import node_status, supervisor_status
 
 
 class SideApp:
     app = Klein()
 
-    def __init__(self, ingest: IngestApp):
+    def __init__(self, ingest: IngestApp, alerts_stream: str | None = None):
         self.ingest = ingest
+        self.status = node_status(ingest, alerts_stream)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
@@ -29,6 +32,14 @@ class SideApp:
     def ready(self, request):
         return self.ingest.ready(request)
 
+    @app.route("/status", methods=["GET"])
+    def status_page(self, request):
+        return self.status.render_html(request)
+
+    @app.route("/status.json", methods=["GET"])
+    def status_json(self, request):
+        return self.status.render_json(request)
+
     def site(self) -> Site:
         return quiet_site(self.app.resource())
 
@@ -39,7 +50,8 @@ class WorkersSideApp:
 
     ``/metrics``: the supervisor's own metrics plus the workers' ingest metrics summed;
     ``/ready``: 200 only when Redis answers and every worker answers its own /ready;
-    ``/health``: the supervisor is up.
+    ``/health``: the supervisor is up;
+    ``/status``, ``/status.json``: the status page, from the same summed view as ``/metrics``.
     """
 
     app = Klein()
@@ -49,6 +61,7 @@ class WorkersSideApp:
         self.ping = ping
         self.content_type = content_type
         self.draining = False
+        self.status = supervisor_status(workers)
 
     @app.route("/metrics", methods=["GET"])
     async def metrics(self, request):
@@ -71,6 +84,14 @@ class WorkersSideApp:
             request.setHeader(b"Retry-After", b"1")
             return json_response(request, 503, {"status": "workers_unavailable", "workers_ready": ready, "workers": expected})
         return json_response(request, 200, {"status": "ready", "workers_ready": ready, "workers": expected})
+
+    @app.route("/status", methods=["GET"])
+    def status_page(self, request):
+        return self.status.render_html(request)
+
+    @app.route("/status.json", methods=["GET"])
+    def status_json(self, request):
+        return self.status.render_json(request)
 
     def site(self) -> Site:
         return quiet_site(self.app.resource())
