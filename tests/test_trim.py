@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
 from payflux.consumers.config import RetentionConfig
 from payflux.consumers.trim import TrimService
@@ -210,3 +211,17 @@ class TrimMixin:
 
 
 redis_test_cases(TrimMixin, globals())
+
+
+class LostUnconsumedSeriesTests(SynchronousTestCase):
+    def test_exposed_at_zero_per_partition_when_a_hard_cap_is_set(self):
+        from payflux.observability.metrics import Metrics
+
+        metrics = Metrics()
+        TrimService(RetentionConfig(**{**NO_LIMITS, "hard_cap": 10}), None, KEYS, 3, metrics.consumers, task.Clock())
+        text = metrics.render().decode()
+        for p in range(3):
+            self.assertIn(f'payflux_stream_lost_unconsumed_total{{partition="{p}"}} 0.0', text)
+        other = Metrics()
+        TrimService(RetentionConfig(**NO_LIMITS), None, KEYS, 3, other.consumers, task.Clock())
+        self.assertNotIn("payflux_stream_lost_unconsumed_total{", other.render().decode())

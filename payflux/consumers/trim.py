@@ -164,6 +164,10 @@ class TrimService(PeriodicService):
         self.metrics = metrics
         self.reactor = reactor
         self.ready = ready
+        if retention.hard_cap > 0:
+            # exposed at 0 from the start, so an alert on its increase sees the first loss
+            for p in range(partitions):
+                metrics.lost_unconsumed.labels(partition=str(p))
 
     @property
     def interval(self) -> float:
