@@ -18,6 +18,12 @@ Cases (``CASES``; add one as ``CASES["kafka"] = kafka_case``, an ``async (Bench)
 - ``webhook-batch`` / ``webhook-single``: the webhook exporter POSTing to a local twisted.web
   receiver that this script starts as a child process (``--serve-receiver``) so it doesn't share
   the exporter's CPU; the receiver verifies every signature and counts the events.
+- ``kafka``: the Kafka exporter producing to librdkafka's mock cluster (3 brokers, acks=all,
+  idempotent producer), run in a child process (``--serve-kafka-mock``); counted by the topic's
+  offsets;
+- ``parquet`` / ``parquet-per-batch``: the Parquet exporter in a temp dir, rolling a file per
+  ``--concurrency`` batches (``max_batches`` = concurrency, the documented setting) or per batch;
+  counted by reading the files' metadata.
 
 Usage (from the repository root):
     python bench/exporters.py [--events 50000] [--single-events 5000] [--batch 100]
@@ -129,6 +135,68 @@ def webhook_case(**options: Any) -> Callable[[Bench], Awaitable[Target]]:
     return build
 
 
+class KafkaMock:
+    """librdkafka's mock cluster in a child process (``--serve-kafka-mock``): its brokers don't share our CPU."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-kafka-mock"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.bootstrap = self.proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+
+    async def count(self, topic: str) -> int:
+        """Messages in ``topic``: the sum of its partitions' high watermarks."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "payflux-bench", "log_level": 3})
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+        finally:
+            consumer.close()
+
+    def stop(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(10)
+
+
+def kafka_case(**options: Any) -> Callable[[Bench], Awaitable[Target]]:
+    async def build(bench: Bench) -> Target:
+        mock = KafkaMock()
+        handler = load_handler("kafka", {"topic": "payments", "bootstrap_servers": mock.bootstrap, **options}, reactor)
+
+        async def stop() -> None:
+            await handler.close()
+            mock.stop()
+
+        return Target(handler, lambda: mock.count("payments"), stop)
+
+    return build
+
+
+def parquet_case(per_batch: bool = False, **options: Any) -> Callable[[Bench], Awaitable[Target]]:
+    async def build(bench: Bench) -> Target:
+        directory = bench.path(f"parquet-{time.monotonic_ns()}")
+        held = 1 if per_batch else bench.args.concurrency
+        # max_age 1 s: only the warm-up's last, incomplete group of batches waits for it
+        handler = load_handler("parquet", {"directory": directory, "max_batches": held,
+                                           "max_rows": held * bench.args.batch, "max_age": 1.0, **options}, reactor)
+
+        async def delivered() -> int:
+            import glob
+
+            import pyarrow.parquet as pq
+
+            files = glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True)
+            return sum(pq.read_metadata(f).num_rows for f in files)
+
+        async def stop() -> None:
+            await handler.close()
+
+        return Target(handler, delivered, stop)
+
+    return build
+
+
 CASES: dict[str, Callable[[Bench], Awaitable[Target]]] = {
     "file-always": file_case(fsync="always"),
     "file-always-inline": file_case(fsync="always", fsync_thread=False),
@@ -136,6 +204,9 @@ CASES: dict[str, Callable[[Bench], Awaitable[Target]]] = {
     "file-never": file_case(fsync="never"),
     "webhook-batch": webhook_case(mode="batch", max_in_flight=4),
     "webhook-single": webhook_case(mode="single", max_in_flight=16),
+    "kafka": kafka_case(),
+    "parquet": parquet_case(),
+    "parquet-per-batch": parquet_case(per_batch=True),
 }
 SINGLE_EVENT_CASES = {"webhook-single"}  # one request per event: run with --single-events
 
@@ -255,6 +326,15 @@ def serve_receiver(secret_file: str) -> None:
     reactor.run()
 
 
+def serve_kafka_mock() -> None:
+    from confluent_kafka import Producer
+
+    owner = Producer({"test.mock.num.brokers": 3, "log_level": 3})
+    brokers = owner.list_topics(timeout=10).brokers.values()
+    print(",".join(f"{b.host}:{b.port}" for b in brokers), flush=True)
+    sys.stdin.read()  # serve until the parent closes our stdin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000, help="events per case (default 50000)")
@@ -266,9 +346,13 @@ def main() -> None:
     parser.add_argument("--cases", default="", help=f"comma-separated, default all: {','.join(CASES)}")
     parser.add_argument("--dir", default=None, help="where the file cases write (default: the temp dir)")
     parser.add_argument("--serve-receiver", metavar="SECRET_FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-kafka-mock", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_receiver:
         serve_receiver(args.serve_receiver)
+        return
+    if args.serve_kafka_mock:
+        serve_kafka_mock()
         return
     task.react(lambda _: defer.ensureDeferred(run(args)))
 
