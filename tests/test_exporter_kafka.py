@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,11 +25,9 @@ from payflux.consumers.handlers import EntriesFailed, Entry, load_handler
 from payflux.events import EventValidator, ValidationPolicy, canonical_json
 from payflux.exporters.kafka import HEADERS, KafkaExporter, producer_config
 from payflux.observability.metrics import Metrics
-from payflux.streams.connection import connect, parse_redis_url
 from payflux.streams.keys import StreamKeys
-from payflux.streams.writer import PreparedEvent, StreamWriter, fingerprint_of
 from tests.support.consumers import wait_for
-from tests.support.process import TWISTD, clean_env
+from tests.support.daemon import ConsumerDaemon, append_events
 from tests.support.redis import find_redis_binaries, redis_test_cases
 
 VALIDATOR = EventValidator(ValidationPolicy(), now=lambda: 1.8e9)
@@ -327,46 +323,6 @@ PARTITIONS = 2
 N = 1200
 
 
-class ConsumerDaemon:
-    """``twistd -n payflux --roles consumers`` with one [[consumers]] table: the exporter from config alone."""
-
-    def __init__(self, testcase: unittest.TestCase, redis_url: str, consumer_table: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="payflux-kafka-daemon-")
-        testcase.addCleanup(shutil.rmtree, self.dir, True)
-        self.config = os.path.join(self.dir, "payflux.toml")
-        with open(self.config, "w") as f:
-            f.write(consumer_table)
-        self.args = [*TWISTD, "-n", "--pidfile=", "payflux", "--roles", "consumers", "--redis-url", redis_url,
-                     "--partitions", str(PARTITIONS), "--config", self.config, "--metrics-listen", "none",
-                     "--listen", "tcp:0:interface=127.0.0.1"]
-        self.testcase = testcase
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-
-    def start(self) -> None:
-        log = open(os.path.join(self.dir, f"twistd-{self.runs}.log"), "wb")
-        self.testcase.addCleanup(log.close)
-        proc = self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                                            env=clean_env())
-        self.testcase.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        self.runs += 1
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def log_text(self) -> str:
-        return "".join(open(os.path.join(self.dir, f"twistd-{n}.log"), errors="replace").read()
-                       for n in range(self.runs))
-
-    async def wait_for(self, condition: Any, timeout: float, what: str) -> None:
-        try:
-            await wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- consumer logs ---\n{self.log_text()[-5000:]}") from None
-
-
 class KafkaRuntimeMixin:
     timeout = 60
 
@@ -385,23 +341,15 @@ class KafkaRuntimeMixin:
 
     async def test_sigkill_mid_export_loses_nothing(self):
         self.server = self.start_redis()
-        redis = connect(parse_redis_url(self.server.url), 2, 1.0, 5.0)
-        self.addCleanup(redis.disconnect)
-        writer = StreamWriter(redis, KEYS, PARTITIONS, 3600, 10.0, reactor)
         events = [payment_event(i) for i in range(N)]
-        for b in range(0, N, 250):
-            prepared = []
-            for event in events[b:b + 250]:
-                canonical = canonical_json(event)
-                prepared.append(PreparedEvent(event["event_id"], event["merchant_id_hash"], event["event_type"],
-                                              canonical, fingerprint_of(canonical)))
-            await writer.append(prepared, RECEIVED_AT + b)
+        await append_events(self.server.url, KEYS, PARTITIONS, events, RECEIVED_AT)
         for p in range(PARTITIONS):
             self.server.sync_command("XGROUP", "CREATE", KEYS.events(p), "kafka", "0")
         # every produce request takes >= 50 ms: batches are in flight when the consumer dies
         cluster = MockCluster(self, **{"test.mock.broker.rtt": 50})
         reader = TopicReader(self, cluster, "payments")
-        daemon = ConsumerDaemon(self, self.server.url, f"""
+        daemon = ConsumerDaemon(self, self.server.url, extra_args=("--partitions", str(PARTITIONS)),
+                                consumer_table=f"""
 [[consumers]]
 name = "kafka-export"
 group = "kafka"

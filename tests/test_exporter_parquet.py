@@ -26,15 +26,13 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from payflux.consumers.handlers import EntriesFailed, Entry, load_handler
-from payflux.events import FIELDS, EventValidator, ValidationPolicy, canonical_json
+from payflux.events import FIELDS, EventValidator, ValidationPolicy
 from payflux.exporters import warehouse
 from payflux.exporters.warehouse import SCHEMA, ParquetExporter, RowRejected, WriteFailed
 from payflux.observability.metrics import Metrics
-from payflux.streams.connection import connect, parse_redis_url
 from payflux.streams.keys import StreamKeys
-from payflux.streams.writer import PreparedEvent, StreamWriter, fingerprint_of
 from tests.support.consumers import wait_for
-from tests.support.process import TWISTD, clean_env
+from tests.support.daemon import ConsumerDaemon, append_events
 from tests.support.redis import find_redis_binaries, redis_test_cases
 
 VALIDATOR = EventValidator(ValidationPolicy(), now=lambda: 1.8e9)
@@ -304,45 +302,6 @@ KEYS = StreamKeys("payflux")
 N = 1200
 
 
-class ConsumerDaemon:
-    """``twistd -n payflux --roles consumers`` with one [[consumers]] table: the exporter from config alone."""
-
-    def __init__(self, testcase: unittest.TestCase, redis_url: str, consumer_table: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="payflux-parquet-daemon-")
-        testcase.addCleanup(shutil.rmtree, self.dir, True)
-        self.config = os.path.join(self.dir, "payflux.toml")
-        with open(self.config, "w") as f:
-            f.write(consumer_table)
-        self.args = [*TWISTD, "-n", "--pidfile=", "payflux", "--roles", "consumers", "--redis-url", redis_url,
-                     "--config", self.config, "--metrics-listen", "none", "--listen", "tcp:0:interface=127.0.0.1"]
-        self.testcase = testcase
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-
-    def start(self) -> None:
-        log = open(os.path.join(self.dir, f"twistd-{self.runs}.log"), "wb")
-        self.testcase.addCleanup(log.close)
-        proc = self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                                            env=clean_env())
-        self.testcase.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        self.runs += 1
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def log_text(self) -> str:
-        return "".join(open(os.path.join(self.dir, f"twistd-{n}.log"), errors="replace").read()
-                       for n in range(self.runs))
-
-    async def wait_for(self, condition: Any, timeout: float, what: str) -> None:
-        try:
-            await wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- consumer logs ---\n{self.log_text()[-5000:]}") from None
-
-
 class ParquetRuntimeMixin:
     timeout = 60
 
@@ -359,18 +318,7 @@ class ParquetRuntimeMixin:
         return 0
 
     async def append(self, events: list[dict]) -> None:
-        redis = connect(parse_redis_url(self.server.url), 2, 1.0, 5.0)
-        try:
-            writer = StreamWriter(redis, KEYS, 1, 3600, 10.0, reactor)
-            for b in range(0, len(events), 250):
-                prepared = []
-                for event in events[b:b + 250]:
-                    canonical = canonical_json(event)
-                    prepared.append(PreparedEvent(event["event_id"], event["merchant_id_hash"], event["event_type"],
-                                                  canonical, fingerprint_of(canonical)))
-                await writer.append(prepared, RECEIVED_AT + b)
-        finally:
-            await redis.disconnect()
+        await append_events(self.server.url, KEYS, 1, events, RECEIVED_AT)
 
     def daemon(self, directory: str, max_age: float, max_batches: int) -> ConsumerDaemon:
         self.server.sync_command("XGROUP", "CREATE", KEYS.events(0), "warehouse", "0", "MKSTREAM")
