@@ -23,7 +23,8 @@ from twisted.trial import unittest
 
 from payflux.consumers.handlers import Entry, load_handler
 from payflux.exporters import file as file_module
-from payflux.exporters.file import FileExporter, export_record, ndjson_lines
+from payflux.exporters.file import FileExporter
+from payflux.exporters.records import export_record, ndjson_lines
 from payflux.observability.metrics import Metrics
 from tests.support.consumers import sleep, wait_for
 from tests.support.process import TWISTD, clean_env

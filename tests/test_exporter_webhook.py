@@ -33,7 +33,7 @@ from payflux.consumers.reclaim import ReclaimService
 from payflux.consumers.service import ConsumerService
 from payflux.events import canonical_json
 from payflux.exporters import signing
-from payflux.exporters.file import export_record
+from payflux.exporters.records import export_record
 from payflux.exporters.webhook import (
     WebhookExporter, WebhookRejected, WebhookUnavailable, parse_retry_after, redact_url,
 )

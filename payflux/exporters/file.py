@@ -56,32 +56,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from payflux.consumers.handlers import Entry
-from payflux.events import canonical_json
 from payflux.exporters.metrics import ExporterStats
+from payflux.exporters.records import ndjson_lines
 
 log = Logger()
 
-FORMAT_VERSION = 1
 FSYNC_POLICIES = ("always", "interval", "never")
 STDOUT = "-"
-
-
-def export_record(entry: Entry) -> dict:
-    """The exported shape of one entry: a line of the file exporter, an element of a webhook batch."""
-    return {
-        "v": FORMAT_VERSION,
-        "stream_id": entry.stream_id,
-        "partition": entry.partition,
-        "event_id": entry.event_id,
-        "type": entry.type,
-        "received_at": entry.received_at_ms,
-        "event": entry.event,
-    }
-
-
-def ndjson_lines(entries: list[Entry]) -> bytes:
-    """The NDJSON bytes of a batch: one canonical JSON object and ``\\n`` per entry."""
-    return b"".join(canonical_json(export_record(e)) + b"\n" for e in entries)
 
 
 def _parse_mode(value: Any) -> int:

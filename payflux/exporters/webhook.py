@@ -6,7 +6,7 @@ Bodies (``Content-Type: application/json``, canonical JSON: sorted keys, no whit
 - ``mode = "batch"`` (default): one request per handler batch, ``{"events": [<record>, ...], "v": 1}``;
 - ``mode = "single"``: one request per event, the body is one ``<record>``.
 
-``<record>`` is :func:`payflux.exporters.file.export_record`: ``v``, ``stream_id``,
+``<record>`` is :func:`payflux.exporters.records.export_record`: ``v``, ``stream_id``,
 ``partition``, ``event_id``, ``type``, ``received_at`` (epoch ms) and ``event``, the same object
 as a line of the file exporter.  Every request carries ``X-PayFlux-Timestamp`` and
 ``X-PayFlux-Signature`` (:mod:`payflux.exporters.signing`; signed afresh for every attempt).
@@ -46,7 +46,7 @@ from twisted.web.http_headers import Headers
 
 from payflux.consumers.handlers import EntriesFailed, Entry
 from payflux.events import canonical_json
-from payflux.exporters.file import FORMAT_VERSION, export_record
+from payflux.exporters.records import FORMAT_VERSION, export_record
 from payflux.exporters.metrics import ExporterStats
 from payflux.exporters.signing import signed_headers
 
