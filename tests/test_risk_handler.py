@@ -241,6 +241,7 @@ class HandlerTests(unittest.TestCase):
 
     def test_alerts_are_logged_with_structured_fields(self):
         h, _ = handler()
+        self.assertEqual(h.log.namespace, "payflux.risk")  # what docs/risk.md tells operators to filter on
         logged: list[dict] = []
         h.log = Logger(namespace="payflux.risk", observer=logged.append)
         events, _ = spike()

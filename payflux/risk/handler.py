@@ -40,11 +40,11 @@ TICK_SECONDS = 1.0
 
 
 class RiskHandler:
-    log = Logger(namespace="payflux.risk")
-
     def __init__(self, reactor: Any = None, **options: Any) -> None:
         """``options``: the [[consumers]] table's options (docs/risk.md).  The webhook posts with
         ``treq`` (``self.webhook.http``: tests put a ``treq.testing.StubTreq`` there)."""
+        # set per instance: a Logger class attribute is renamed after the class by its descriptor
+        self.log = Logger(namespace="payflux.risk")
         self.config = parse_options(options)
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
