@@ -14,7 +14,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from payflux.cli import FAILURE_CATEGORIES, _send, main, sample_event, send_paced
+from payflux.cli import main
+from payflux.send import FAILURE_CATEGORIES, _send, sample_event, send_paced
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.risk.config import parse_options
 from tests.support.node import API_SECRET, start_node

@@ -41,7 +41,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from payflux.cli import _send
+from payflux.send import _send
 from payflux.config import load_settings
 from payflux.risk.config import parse_options
 from tests.support.consumers import wait_for
