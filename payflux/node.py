@@ -333,12 +333,13 @@ def add_background(node: Node, settings: Settings, pool: RedisPool, keys: Stream
         ready=pool.whenConnected,
     ).setServiceParent(node)
 
-    sampler = TimerService(
-        settings.stats_interval,
-        _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor),
-    )
+    sample = _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor)
+    sampler = TimerService(settings.stats_interval, sample)
     sampler.clock = reactor
     sampler.setServiceParent(node)
+    # the timer's first pass usually runs before Redis is connected: sample again once it is,
+    # so payflux_redis_up doesn't read 0 for a whole stats_interval after every start
+    pool.whenConnected().addCallback(lambda _: sample())
 
 
 def build_node(

@@ -80,4 +80,11 @@ class ConsumerNodeMixin:
         yield self.wait_for(lambda: redis.sync_command("XPENDING", "payflux:{0}:events", "recorders")[0] == 0)
 
 
+    @inlineCallbacks
+    def test_redis_up_is_sampled_as_soon_as_the_pool_connects(self):
+        redis = self.start_redis()
+        node = yield start_node(self, redis.url, stats_interval=60)  # the timer's next pass: a minute away
+        yield self.wait_for(lambda: node.metrics.redis_up._value.get() == 1, timeout=5)
+
+
 redis_test_cases(ConsumerNodeMixin, globals())
