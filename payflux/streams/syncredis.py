@@ -304,8 +304,15 @@ class SyncCluster:
 
 
 def open_sync(url: str, timeout: float = 5.0) -> "SyncRedis | SyncCluster":
-    """A :class:`SyncRedis`, or a :class:`SyncCluster` for a ``redis+cluster://`` URL."""
+    """
+    A :class:`SyncRedis`, a :class:`SyncCluster` for a ``redis+cluster://`` URL, or for a
+    ``redis+sentinel://`` URL a :class:`SyncRedis` to the primary the sentinels name.
+    """
     target = parse_redis_url(url)
+    if target.sentinel:
+        from payflux.streams.sentinel import sync_primary
+
+        return sync_primary(target, timeout)
     if target.cluster:
         return SyncCluster(target, timeout)
     return SyncRedis.connect(target, timeout)

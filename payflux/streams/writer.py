@@ -30,6 +30,17 @@ The script and its KEYS/ARGV layout live in ``appendscript``; the EVALSHA is
 RESP-encoded by ``resp`` rather than by txredisapi (``encode=False`` turns
 that off) and still goes through txredisapi's ``execute_command``.  Their
 names stay importable from here.
+
+Replica acknowledgement (``min_replicas_ack`` > 0, off by default): right
+behind a flush's EVALSHA, on the same connection and without waiting for its
+reply, the writer sends ``WAIT <min_replicas_ack> <replica_ack_timeout_ms>``.
+A segment that got ``ok`` is delivered only if WAIT counted at least that
+many replicas; otherwise it fails with :class:`ReplicasNotAcked` (HTTP 503):
+its events *are* written on the primary, only not known to be on a replica,
+and a retry with the same event_ids is a duplicate (nothing appended twice).
+Conflicts and "full" refusals wrote nothing and keep their own errors.  WAIT
+makes an acknowledged event survive the failover to a replica that had it;
+it is not strong consistency (docs/sentinel.md).  Off, nothing extra is sent.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ __all__ = [
     "IdempotencyConflict",
     "PreparedEvent",
     "RedisUnavailable",
+    "ReplicasNotAcked",
     "StreamWriter",
     "encode_command",
     "fingerprint_of",
@@ -107,6 +119,28 @@ class IdempotencyConflict(Exception):
 
 class RedisUnavailable(Exception):
     """Redis could not take the append in time or refused it (HTTP 503); str() says why."""
+
+
+class ReplicasNotAcked(RedisUnavailable):
+    """
+    Written on the primary, but WAIT counted fewer replicas than ``min_replicas_ack`` (HTTP 503).
+    ``client_message`` is what the HTTP caller is told.
+    """
+
+    code = "replicas_not_acked"
+
+    def __init__(self, acked: int, required: int, timeout_ms: int) -> None:
+        self.acked = acked
+        self.required = required
+        super().__init__(
+            f"written on the redis primary but acknowledged by {acked} of {required} required replicas "
+            f"within {timeout_ms} ms"
+        )
+        self.client_message = (
+            f"the events were written on the primary but only {acked} of the {required} required replicas "
+            f"acknowledged them within {timeout_ms} ms, so a failover could still lose them; retry with the same "
+            f"event_id (a duplicate-safe no-op that waits for the replicas again)"
+        )
 
 
 class _Abandoned:
@@ -160,7 +194,10 @@ class StreamWriter:
     into one EVALSHA per partition, flushed by ``reactor.callLater(0)`` or at
     once when ``max_flush_events`` events are waiting.  ``encode`` (default
     on) encodes the EVALSHA here instead of in txredisapi; both switches exist
-    so tests and bench/writer_micro.py can compare.
+    so tests and bench/writer_micro.py can compare.  ``min_replicas_ack`` > 0
+    pipelines ``WAIT min_replicas_ack replica_ack_timeout_ms`` behind every
+    EVALSHA (module docstring); keep ``replica_ack_timeout_ms`` well below
+    ``timeout`` and the connection's reply timeout.
     """
 
     def __init__(
@@ -175,6 +212,8 @@ class StreamWriter:
         group_commit: bool = True,
         max_flush_events: int = DEFAULT_MAX_FLUSH_EVENTS,
         encode: bool = True,
+        min_replicas_ack: int = 0,
+        replica_ack_timeout_ms: int = 500,
     ) -> None:
         if partitions < 1:
             raise ValueError("partitions must be >= 1")
@@ -186,6 +225,10 @@ class StreamWriter:
             raise ValueError("max_stream_length must be >= 1 or None")
         if max_flush_events < 1:
             raise ValueError("max_flush_events must be >= 1")
+        if min_replicas_ack < 0:
+            raise ValueError("min_replicas_ack must be >= 0")
+        if min_replicas_ack and replica_ack_timeout_ms < 1:
+            raise ValueError("replica_ack_timeout_ms must be >= 1 (WAIT with 0 would block forever)")
         self.redis = redis
         self.keys = keys
         self.partitions = partitions
@@ -196,6 +239,8 @@ class StreamWriter:
         self.group_commit = group_commit
         self.max_flush_events = max_flush_events
         self.encode = encode
+        self.min_replicas_ack = min_replicas_ack
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self._pending: dict[int, list[_Segment]] = {}
         self._pending_events = 0
         self._flush_call: Any = None
@@ -351,8 +396,31 @@ class StreamWriter:
             return d
 
         d = self._send(conn, partition, live)
-        d.addCallback(self._deliver, partition, live)
+        if self.min_replicas_ack:
+            d = self._with_replica_acks(conn, d)
+            d.addCallback(lambda reply_acks: self._deliver(reply_acks[0], partition, live, reply_acks[1]))
+        else:
+            d.addCallback(self._deliver, partition, live)
         return d.addErrback(load_script)
+
+    def _with_replica_acks(self, conn: Any, evalsha: defer.Deferred) -> defer.Deferred:
+        """``evalsha``'s reply and WAIT's replica count, WAIT sent at once behind it on ``conn``."""
+        wait = conn.execute_command("WAIT", self.min_replicas_ack, self.replica_ack_timeout_ms)
+
+        def refused(failure: Failure) -> None:
+            # e.g. "ERR WAIT cannot be used with replica instances": a demoted primary ran a
+            # write-free (all-duplicate) script; treat it like READONLY
+            failure.trap(txredisapi.ResponseError)
+            raise RedisUnavailable(f"redis refused WAIT: {failure.getErrorMessage()}")
+
+        def replied(reply: Any) -> defer.Deferred:
+            return wait.addCallbacks(lambda acked: (reply, int(acked)), refused)
+
+        def failed(failure: Failure) -> Failure:
+            wait.addErrback(lambda _: None)  # the EVALSHA's error is the one that counts
+            return failure
+
+        return evalsha.addCallbacks(replied, failed)
 
     def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred:
         args = append_args(self.keys, partition, segments, self.dedupe_window_ms, self.max_stream_length)
@@ -367,12 +435,14 @@ class StreamWriter:
         if str(sha) != APPEND_SCRIPT_SHA:
             raise RuntimeError(f"redis returned script sha {sha}, expected {APPEND_SCRIPT_SHA}")
 
-    def _deliver(self, reply: Any, partition: int, segments: list[_Segment]) -> None:
+    def _deliver(self, reply: Any, partition: int, segments: list[_Segment], acked: int | None = None) -> None:
         replies = segment_replies(reply, len(segments))
         stream = self.keys.events(partition)
         for segment, segment_reply in zip(segments, replies):
             try:
                 results = self._parse_reply(segment_reply, segment.events, stream)
+                if acked is not None and acked < self.min_replicas_ack:
+                    raise ReplicasNotAcked(acked, self.min_replicas_ack, self.replica_ack_timeout_ms)
             except Exception:
                 segment.fire(Failure())
             else:

@@ -1,0 +1,331 @@
+"""
+Redis Sentinel: find the primary through the sentinels, and follow it when it fails over.
+
+``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[?db=N&sentinel_password=...]``
+(payflux/streams/connection.py parses it) gives :func:`connect_sentinel`: an ordinary lazy,
+reconnecting txredisapi pool (same ``execute_command``/``disconnect`` surface, same ``_factory``
+the StreamWriter takes a connection from), whose every connection attempt goes through
+:class:`SentinelEndpoint`:
+
+1. ask the sentinels, in order (the last one that answered first), ``SENTINEL
+   get-master-addr-by-name <master-name>``; a sentinel that is down, slow (``connect_timeout``)
+   or doesn't know the name is skipped;
+2. connect to the address it names (TLS for ``rediss+sentinel``);
+3. before the connection joins the pool, AUTH and ``ROLE``: anything but ``master`` (a replica
+   not promoted yet, a demoted old primary) closes it, and the pool's backoff asks again.
+
+Failures that mean "the primary moved" all end in a closed connection, and txredisapi reconnects
+it -- through step 1 again -- with PayFlux's capped backoff (``max_retry_delay``):
+
+- connection lost / refused (primary killed, or sentinel's ``CLIENT KILL TYPE normal`` when it
+  reconfigures an instance);
+- a reply timeout (txredisapi aborts the connection);
+- a ``READONLY`` error reply (a demoted primary that still has our connection): the reply goes to
+  its caller (the append path answers 503) and then the connection is closed;
+- when one connection finds a new primary address, the pool's connections to the old one are
+  closed at once instead of each waiting for its own error.
+
+Nothing is retried here: a command whose connection failed may have run, so its caller gets the
+error, exactly as with a single Redis (the append path answers 503; a retry with the same
+event_id is idempotent).  Acknowledged writes that the old primary had not replicated yet are
+lost in a failover unless the writer's ``min_replicas_ack`` (WAIT) is on: docs/sentinel.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from payflux.streams.connection import RedisTarget, tls_options
+
+log = Logger()
+
+Address = tuple[str, int]
+
+
+class MasterNotFound(txredisapi.ConnectionError):
+    """No sentinel named a primary for the master name."""
+
+
+def sentinel_node_target(target: RedisTarget, addr: Address) -> RedisTarget:
+    """How to talk to the sentinel at ``addr``: its own credentials, same TLS settings, no database."""
+    return RedisTarget(
+        scheme="rediss" if target.tls else "redis",
+        host=addr[0],
+        port=addr[1],
+        username=target.sentinel_username,
+        password=target.sentinel_password,
+        ca_file=target.ca_file,
+    )
+
+
+def primary_target(target: RedisTarget, addr: Address) -> RedisTarget:
+    """The single-node target of the primary at ``addr``: the URL's credentials, database and TLS."""
+    return attrs.evolve(
+        target, scheme="rediss" if target.tls else "redis", host=addr[0], port=addr[1], seeds=(),
+        master_name=None, sentinel_username=None, sentinel_password=None,
+    )
+
+
+def parse_master_reply(reply: Any) -> Address | None:
+    """``SENTINEL get-master-addr-by-name`` -> (host, port); None when the sentinel doesn't know the name."""
+    if not reply:
+        return None
+    host, port = reply[0], reply[1]
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    return host, int(port)
+
+
+def is_primary(role_reply: Any) -> bool:
+    """True when a ``ROLE`` reply says ``master``."""
+    if not role_reply:
+        return False
+    role = role_reply[0]
+    return (role.decode() if isinstance(role, bytes) else str(role)) == "master"
+
+
+class SentinelResolver:
+    """
+    Asks the sentinels of ``target`` where its primary is.  Concurrent callers share one round;
+    each sentinel gets ``timeout`` seconds to connect and to answer.
+    """
+
+    def __init__(self, target: RedisTarget, timeout: float) -> None:
+        if not target.seeds or not target.master_name:
+            raise ValueError("a sentinel target needs sentinel addresses and a master name")
+        self.target = target
+        self.timeout = timeout
+        self._order: list[Address] = list(target.seeds)
+        self._waiters: list[defer.Deferred] = []
+        self._idle: list[defer.Deferred] = []
+
+    def master_address(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        if len(self._waiters) == 1:
+            defer.ensureDeferred(self._ask()).addBoth(self._answered)
+        return d
+
+    def _answered(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if d.called:  # cancelled: the pool stopped this connection attempt
+                continue
+            d.errback(result) if isinstance(result, Failure) else d.callback(result)
+        idle, self._idle = self._idle, []
+        for d in idle:
+            d.callback(None)
+
+    def idle(self) -> defer.Deferred:
+        """Fires once no round is in flight (so closing the pool leaves no sentinel connection open)."""
+        if not self._waiters:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    async def _ask(self) -> Address:
+        problems = []
+        for addr in list(self._order):
+            try:
+                master = parse_master_reply(await self._query(addr))
+            except Exception as e:  # noqa: BLE001 - try the next sentinel
+                problems.append(f"{addr[0]}:{addr[1]}: {e}")
+                continue
+            if master is None:
+                problems.append(f"{addr[0]}:{addr[1]} does not monitor {self.target.master_name!r}")
+                continue
+            if self._order[0] != addr:  # ask the one that answered first next time
+                self._order.remove(addr)
+                self._order.insert(0, addr)
+            return master
+        raise MasterNotFound(f"no sentinel named a primary for {self.target.master_name!r}: {'; '.join(problems)}")
+
+    async def _query(self, addr: Address) -> Any:
+        node = sentinel_node_target(self.target, addr)
+        conn = await txredisapi.Connection(
+            host=addr[0], port=addr[1], dbid=None, reconnect=False, password=node.password, username=node.username,
+            ssl_context_factory=tls_options(node) if node.tls else False,
+            connectTimeout=self.timeout, replyTimeout=self.timeout, convertNumbers=False,
+        )
+        try:
+            return await conn.execute_command("SENTINEL", "get-master-addr-by-name", self.target.master_name)
+        finally:
+            conn.disconnect().addErrback(lambda f: None)
+
+
+@implementer(IStreamClientEndpoint)
+class SentinelEndpoint:
+    """Connects to whatever the sentinels name as primary right now (see the module docstring)."""
+
+    def __init__(self, target: RedisTarget, resolver: SentinelResolver, connect_timeout: float, reactor: Any) -> None:
+        self.target = target
+        self.resolver = resolver
+        self.connect_timeout = connect_timeout
+        self.reactor = reactor
+        self.current: Address | None = None
+        self.switches = 0  # primary address changes seen (tests, logs)
+        self.factory: Any = None  # the txredisapi factory whose connections this makes
+
+    def connect(self, protocolFactory: Any) -> defer.Deferred:
+        d = self.resolver.master_address()
+        d.addCallback(self._connect, protocolFactory)
+        return d
+
+    def _connect(self, addr: Address, protocolFactory: Any) -> defer.Deferred:
+        if addr != self.current:
+            if self.current is not None:
+                self.switches += 1
+                log.warn("redis sentinel: primary of {name} moved from {old} to {new}", name=self.target.master_name,
+                         old=f"{self.current[0]}:{self.current[1]}", new=f"{addr[0]}:{addr[1]}")
+                self._drop_other(addr)
+            else:
+                log.info("redis sentinel: primary of {name} is {new}", name=self.target.master_name,
+                         new=f"{addr[0]}:{addr[1]}")
+            self.current = addr
+        endpoint: Any = HostnameEndpoint(self.reactor, addr[0], addr[1], timeout=self.connect_timeout)
+        if self.target.tls:
+            endpoint = wrapClientTLS(tls_options(primary_target(self.target, addr)), endpoint)
+
+        def tag(protocol: Any) -> Any:
+            protocol.payflux_address = addr
+            return protocol
+
+        return endpoint.connect(protocolFactory).addCallback(tag)
+
+    def _drop_other(self, addr: Address) -> None:
+        for conn in list(getattr(self.factory, "pool", ())):
+            if getattr(conn, "payflux_address", addr) != addr:
+                conn.transport.loseConnection()
+
+
+class _PrimaryOnly:
+    """
+    Protocol mixin: AUTH and ``ROLE`` before the connection is handed to the pool (non-primaries
+    are closed), and close the connection after a ``READONLY`` reply (our primary was demoted).
+    """
+
+    payflux_address: Address | None = None
+
+    @defer.inlineCallbacks
+    def connectionMade(self) -> Any:
+        where = "%s:%s" % (self.payflux_address or ("?", "?"))
+        try:
+            if self.password is not None:
+                yield self.auth(self.password, self.username)
+            role = yield self.execute_command("ROLE")
+        except Exception as e:  # noqa: BLE001 - the pool asks the sentinels again
+            log.warn("redis sentinel: {where} did not answer ROLE: {e}", where=where, e=e)
+            self.transport.loseConnection()
+            return None
+        if not is_primary(role):
+            log.warn("redis sentinel: {where} is not a primary (ROLE {role}); asking the sentinels again",
+                     where=where, role=role[0] if role else None)
+            self.transport.loseConnection()
+            return None
+        yield super().connectionMade()
+
+    def replyReceived(self, reply: Any) -> None:
+        super().replyReceived(reply)
+        if isinstance(reply, txredisapi.ResponseError) and str(reply).startswith("READONLY"):
+            log.warn("redis sentinel: READONLY from {where}: the primary was demoted; reconnecting",
+                     where="%s:%s" % (self.payflux_address or ("?", "?")))
+            self.transport.loseConnection()
+
+
+_PROTOCOLS: dict[Any, type] = {}
+
+
+def primary_only(protocol: Any) -> type:
+    """``protocol`` (a txredisapi protocol class; None = txredisapi's default) with :class:`_PrimaryOnly`."""
+    base = protocol or txredisapi.RedisProtocol
+    cls = _PROTOCOLS.get(base)
+    if cls is None:
+        cls = _PROTOCOLS[base] = type(f"PrimaryOnly{base.__name__}", (_PrimaryOnly, base), {})
+    return cls
+
+
+class SentinelHandler(txredisapi.ConnectionHandler):
+    """A txredisapi pool handler; ``endpoint`` knows the current primary (``endpoint.current``)."""
+
+    sentinel = True
+    endpoint: SentinelEndpoint | None = None
+
+    @property
+    def primary(self) -> Address | None:
+        return self.endpoint.current if self.endpoint is not None else None
+
+    def disconnect(self) -> defer.Deferred:
+        """Close the pool, then wait for a sentinel round still in flight (bounded by its timeouts)."""
+        d = self._factory.disconnect()
+        if self.endpoint is not None:
+            resolver = self.endpoint.resolver
+            d.addBoth(lambda result: resolver.idle().addCallback(lambda _: result))
+        return d
+
+
+def connect_sentinel(
+    target: RedisTarget,
+    poolsize: int,
+    connect_timeout: float,
+    reply_timeout: float | None,
+    max_retry_delay: float = 2.0,
+    protocol: Any = None,
+    reactor: Any = None,
+) -> SentinelHandler:
+    """A lazy pool to the primary the sentinels of ``target`` name (see the module docstring)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    factory = txredisapi.RedisFactory(
+        target.redacted(), target.db or None, poolsize, isLazy=True, handler=SentinelHandler,
+        password=target.password, replyTimeout=reply_timeout, convertNumbers=False, username=target.username,
+    )
+    factory.protocol = primary_only(protocol)
+    factory.maxDelay = max_retry_delay
+    factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
+    endpoint = SentinelEndpoint(target, SentinelResolver(target, connect_timeout), connect_timeout, reactor)
+    endpoint.factory = factory
+    factory.handler.endpoint = endpoint
+    factory.startConnecting(endpoint)
+    return factory.handler
+
+
+def sync_primary(target: RedisTarget, timeout: float = 5.0) -> Any:
+    """
+    The CLI's resolver: ask each sentinel (blocking) for the primary, connect a
+    :class:`payflux.streams.syncredis.SyncRedis` to it and check its ``ROLE``.
+    """
+    from payflux.streams.syncredis import RedisConnectionError, RedisReplyError, SyncRedis
+
+    problems = []
+    for addr in target.seeds:
+        try:
+            with SyncRedis.connect(sentinel_node_target(target, addr), timeout) as sentinel:
+                master = parse_master_reply(sentinel.command("SENTINEL", "get-master-addr-by-name", target.master_name))
+        except (RedisConnectionError, RedisReplyError) as e:
+            problems.append(f"{addr[0]}:{addr[1]}: {e}")
+            continue
+        if master is None:
+            problems.append(f"{addr[0]}:{addr[1]} does not monitor {target.master_name!r}")
+            continue
+        client = SyncRedis.connect(primary_target(target, master), timeout)
+        try:
+            role = client.command("ROLE")
+        except BaseException:
+            client.close()
+            raise
+        if is_primary(role):
+            return client
+        client.close()
+        problems.append(f"{addr[0]}:{addr[1]} names {master[0]}:{master[1]}, which is not a primary (failover running?)")
+    raise RedisConnectionError(f"no primary found through the sentinels of {target.redacted()}: {'; '.join(problems)}")
