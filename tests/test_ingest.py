@@ -348,7 +348,10 @@ class IngestMixin:
         yield node.post(SINGLE, sample_event())
         yield node.post(SINGLE, sample_event(), secret=None)
         yield deferLater(reactor, 0.5, lambda: None)  # let the sampler run
-        for side in (False, True):
+        ingest_port_metrics = yield node.get("/metrics")
+        self.assertEqual(ingest_port_metrics.code, 404)  # side port only, unless ingest_metrics
+        self.assertEqual((yield read_json(ingest_port_metrics))["error"], "not_found")
+        for side in (True,):
             text = (yield (yield node.get("/metrics", side=side)).text())
             self.assertIn('payflux_events_accepted_total{key_id="producer-a"} 1.0', text)
             self.assertIn('payflux_requests_rejected_total{key_id="-",reason="unauthorized"} 1.0', text)
@@ -359,6 +362,13 @@ class IngestMixin:
         doc = yield read_json((yield node.get("/openapi.json")))
         self.assertEqual(doc["openapi"], "3.0.3")
         self.assertIn("/v1/events/payment_exhaust/batch", doc["paths"])
+
+    @inlineCallbacks
+    def test_metrics_on_the_ingest_port_only_when_enabled(self):
+        node = yield self.node(ingest_metrics=True)
+        response = yield node.get("/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertIn("payflux_redis_up", (yield response.text()))
 
     @inlineCallbacks
     def test_unknown_path_and_method_are_json(self):

@@ -73,6 +73,7 @@ class IngestApp:
         limits: IngestLimits,
         ping: Callable[[], Deferred],
         seconds: Callable[[], float] = time.time,
+        serve_metrics: bool = False,
     ):
         self.validator = validator
         self.writer = writer
@@ -82,6 +83,7 @@ class IngestApp:
         self.limits = limits
         self.ping = ping
         self.seconds = seconds
+        self.serve_metrics = serve_metrics
         self.draining = False
         self.inflight_events = 0
         self.inflight_requests = 0
@@ -158,6 +160,12 @@ class IngestApp:
 
     @app.route("/metrics", methods=["GET"])
     def metrics_route(self, request: Request) -> bytes:
+        """404 unless ``ingest_metrics``: metrics belong on the side listener (see docs/security.md)."""
+        if not self.serve_metrics:
+            raise NotFound()
+        return self.render_metrics(request)
+
+    def render_metrics(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", self.metrics.content_type.encode("ascii"))
         return self.metrics.render()
 
@@ -266,7 +274,9 @@ class IngestApp:
         except RedisUnavailable as e:
             log.warn("append failed, answering 503: {reason}", reason=str(e), key_id=key_id)
             error = unavailable(
-                "redis_unavailable", "event store unavailable; nothing was written", max(1, math.ceil(self.limits.redis_timeout))
+                getattr(e, "code", "redis_unavailable"),  # ReplicasNotAcked: written, not yet on replicas
+                getattr(e, "client_message", "event store unavailable; nothing was written"),
+                max(1, math.ceil(self.limits.redis_timeout)),
             )
             self._count_rejection(error, key_id, count)
             self._observe(endpoint, 503, started)

@@ -18,6 +18,12 @@ from payflux.ingest.errors import rate_limited, unauthorized
 
 DEV_KEY_ID = "dev"
 
+#: Query parameters refused outright (matched case-insensitively): a key in a URL ends up in
+#: proxy and access logs, browser history and Referer headers.
+QUERY_CREDENTIALS = frozenset({
+    b"api_key", b"apikey", b"api-key", b"key", b"token", b"access_token", b"secret", b"authorization", b"bearer",
+})
+
 
 class Authenticator:
     def __init__(self, keys: Iterable[ApiKey], revoked: Iterable[str] = (), dev_mode: bool = False):
@@ -27,7 +33,7 @@ class Authenticator:
 
     def authenticate(self, authorization: bytes | None, query_args: dict | None = None) -> str:
         """Return the key id of the caller or raise a 401 :class:`ApiError`."""
-        if query_args and any(k in query_args for k in (b"api_key", b"apikey", b"token", b"access_token")):
+        if query_args and any(k.lower() in QUERY_CREDENTIALS for k in query_args):
             raise unauthorized("credentials in the query string are refused; use the Authorization header")
         if authorization is None:
             if self.dev_mode:

@@ -48,6 +48,22 @@ def _event_schema() -> dict[str, Any]:
             "allow_unknown_fields (then dropped)."
         ),
         "properties": properties,
+        "example": {
+            "event_id": "evt_3Xk9tQ2mR7vLp0aZ",
+            "event_type": "payment_failed",
+            "occurred_at": "2026-11-25T09:14:03.120Z",
+            "processor": "stripe",
+            "merchant_id_hash": "m_0042_5f2b9c1e",
+            "payment_intent_id_hash": "Vb3kQ9xLrT2mN8pZ",
+            "amount_bucket": "10-50",
+            "currency": "USD",
+            "payment_method": "card",
+            "geo_bucket": "US",
+            "failure_category": "insufficient_funds",
+            "failure_code": "card_declined",
+            "retry_count": 0,
+            "processor_latency_ms": 230,
+        },
     }
 
 
@@ -109,6 +125,14 @@ def openapi_document(limits) -> dict:
             "duplicate": {"type": "boolean"},
         },
     }
+    batch_result = {
+        "type": "object",
+        "required": ["id", "duplicate"],
+        "properties": {
+            "id": {"type": "string", "description": "Redis stream entry id (the original one for a duplicate)."},
+            "duplicate": {"type": "boolean"},
+        },
+    }
     batch_ok = {
         "type": "object",
         "required": ["status", "count", "accepted", "duplicates", "results"],
@@ -117,7 +141,7 @@ def openapi_document(limits) -> dict:
             "count": {"type": "integer"},
             "accepted": {"type": "integer"},
             "duplicates": {"type": "integer"},
-            "results": {"type": "array", "items": {"$ref": "#/components/schemas/SingleAccepted"}},
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/BatchResult"}},
         },
     }
     status_doc = {"type": "object", "properties": {"status": {"type": "string"}, "message": {"type": "string"}}}
@@ -130,6 +154,7 @@ def openapi_document(limits) -> dict:
                 "PaymentExhaustEvent": EVENT_SCHEMA,
                 "Error": ERROR_SCHEMA,
                 "SingleAccepted": single_ok,
+                "BatchResult": batch_result,
                 "BatchAccepted": batch_ok,
             },
         },
@@ -206,8 +231,11 @@ def openapi_document(limits) -> dict:
             "/metrics": {
                 "get": {
                     "security": [],
-                    "summary": "Prometheus text exposition.",
-                    "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                    "summary": "Prometheus text exposition (always on the side listener; here only with ingest_metrics).",
+                    "responses": {
+                        "200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "404": _error("Not served on the ingest listener (ingest_metrics is off)."),
+                    },
                 }
             },
             "/openapi.json": {

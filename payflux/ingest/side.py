@@ -22,7 +22,7 @@ class SideApp:
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
-        return self.ingest.metrics_route(request)
+        return self.ingest.render_metrics(request)
 
     @app.route("/health", methods=["GET"])
     def health(self, request):
