@@ -205,8 +205,21 @@ OPTIONS: tuple[Option, ...] = (
         "redis_url",
         None,
         _redis_url,
-        "redis://[user:pass@]host:port/db, rediss://..., unix:///path.sock; unset = embedded Redis.",
+        "redis://[user:pass@]host:port/db, rediss://..., unix:///path.sock, redis+cluster://..., "
+        "redis+sentinel://host:port,.../master-name; unset = embedded Redis.",
         secret=True,
+    ),
+    Option(
+        "redis_password_file",
+        None,
+        _optional_str,
+        "File holding the Redis password (e.g. a systemd credential); redis_url then carries none.",
+    ),
+    Option(
+        "ingest_metrics",
+        False,
+        _bool,
+        "Also serve /metrics on the ingest listener (default: only on the side listener).",
     ),
     Option("data_dir", "payflux-data", _str, "Directory of the embedded Redis (AOF, socket)."),
     Option("roles", ("ingest",), _roles, "Comma-separated roles of this node: ingest, consumers."),
@@ -243,6 +256,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body_bytes", 4 * 1024 * 1024, _int(1024, 256 * 1024 * 1024), "Batch body cap in bytes."),
     Option("max_event_bytes", 64 * 1024, _int(256, 16 * 1024 * 1024), "Single-event body cap in bytes."),
     Option(
+        "header_timeout",
+        10.0,
+        _float(0.1, 3600),
+        "Seconds from a request's first byte to the end of its headers, then 408 and close (slowloris).",
+    ),
+    Option(
         "future_skew",
         300.0,
         _float(0, 86400),
@@ -253,6 +272,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("rate_burst", 20_000, _int(1, 1_000_000_000), "Token-bucket size per API key, in events."),
     Option("redis_timeout", 2.0, _float(0.05, 60), "Seconds an append may wait for Redis before 503."),
     Option("redis_pool_size", 8, _int(1, 256), "Redis connections in the ingest pool."),
+    Option(
+        "min_replicas_ack",
+        0,
+        _int(0, 64),
+        "Replicas that must confirm each append (WAIT) before 2xx; else 503 (written on the primary). 0 = off.",
+    ),
+    Option(
+        "replica_ack_timeout",
+        500,
+        _int(1, 60_000),
+        "Milliseconds an append waits for min_replicas_ack replicas (WAIT timeout); below redis_timeout.",
+    ),
     Option(
         "max_inflight_events",
         50_000,
@@ -294,6 +325,8 @@ class Settings:
     listen: str
     metrics_listen: str | None
     redis_url: str | None = attrs.field(repr=False)
+    redis_password_file: str | None
+    ingest_metrics: bool
     data_dir: str
     roles: tuple[str, ...]
     workers: int
@@ -307,12 +340,15 @@ class Settings:
     max_batch_events: int
     max_body_bytes: int
     max_event_bytes: int
+    header_timeout: float
     future_skew: float
     allow_unknown_fields: bool
     rate_limit: float
     rate_burst: int
     redis_timeout: float
     redis_pool_size: int
+    min_replicas_ack: int
+    replica_ack_timeout: int
     max_inflight_events: int
     shutdown_grace: float
     stats_interval: float
@@ -362,6 +398,49 @@ def parse_api_keys(lines: Iterable[str], source: str) -> list[ApiKey]:
             raise ValueError(f"{where} (id {key_id}): secret must not contain whitespace")
         keys.append(ApiKey(key_id, secret.encode("utf-8")))
     return keys
+
+
+_CREDENTIALS = ("$CREDENTIALS_DIRECTORY", "${CREDENTIALS_DIRECTORY}")
+
+
+def _credential_path(option: str, path: str, env: Mapping[str, str]) -> str:
+    """
+    A secret file's path, with a leading ``$CREDENTIALS_DIRECTORY`` (or ``${...}``) replaced by
+    that environment variable: systemd's ``LoadCredential=`` directory, which a unit names as
+    ``%d`` but a TOML file can only name this way.
+    """
+    for token in _CREDENTIALS:
+        if path.startswith(token + "/"):
+            base = env.get("CREDENTIALS_DIRECTORY")
+            if not base:
+                raise ConfigError(option, f"{path} names $CREDENTIALS_DIRECTORY, which is not set "
+                                          "(set by systemd for units with LoadCredential=)")
+            return os.path.join(base, path[len(token) + 1:])
+    return path
+
+
+def _with_password_file(url: str | None, path: str) -> str:
+    """``url`` with the password read from ``path``; the password never appears in an error."""
+    if url is None:
+        raise ConfigError("redis_password_file", "needs redis_url (the embedded Redis listens on a "
+                                                 "private unix socket and takes no password)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(4097)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError("redis_password_file", f"cannot read {path}: {reason}") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ConfigError("redis_password_file", f"{path} is empty")
+    if len(text) > 4096 or any(c in password for c in "\r\n\0"):
+        raise ConfigError("redis_password_file", f"{path} must hold one line of at most 4096 characters")
+    from payflux.streams.connection import url_with_password
+
+    try:
+        return url_with_password(url, password)
+    except ValueError as e:
+        raise ConfigError("redis_password_file", str(e)) from None
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -429,6 +508,12 @@ def load_settings(
         else:
             values[option.name] = option.default
 
+    for name in ("api_keys_file", "redis_password_file"):
+        if values[name]:
+            values[name] = _credential_path(name, values[name], env)
+    if values["redis_password_file"]:
+        values["redis_url"] = _with_password_file(values["redis_url"], values["redis_password_file"])
+
     keys: list[ApiKey] = []
     try:
         keys.extend(parse_api_keys(values["api_keys"], "api_keys"))
@@ -484,6 +569,17 @@ def load_settings(
                 f"more than one worker needs a tcp: or tcp6: listen endpoint (one shared socket), "
                 f"got {kind}:; use --workers 1 or a tcp listener",
             )
+    if values["min_replicas_ack"]:
+        if not values["redis_url"]:
+            raise ConfigError("min_replicas_ack", "needs redis_url naming a primary with replicas "
+                                                  "(the embedded Redis has none)")
+        from payflux.streams.connection import parse_redis_url
+
+        if parse_redis_url(values["redis_url"]).cluster:
+            raise ConfigError("min_replicas_ack", "is not supported with redis+cluster:// yet; use 0")
+        if values["replica_ack_timeout"] >= values["redis_timeout"] * 1000:
+            raise ConfigError("replica_ack_timeout", f"must be below redis_timeout "
+                                                     f"({values['redis_timeout'] * 1000:g} ms) when min_replicas_ack is set")
     if values["rate_limit"] and values["rate_burst"] < 1:
         raise ConfigError("rate_burst", "must be at least 1 when rate_limit is set")
     return Settings(**values)

@@ -75,6 +75,11 @@ class Node(MultiService):
     @inlineCallbacks
     def stopService(self):
         Service.stopService(self)
+        for service in self:
+            if isinstance(service, DrainGuard):
+                # new ingests get 503 from the first moment of the stop, not only once the
+                # consumers and samplers stopped before the guard (they may wait on Redis)
+                service.refuse_new()
         for service in reversed(list(self)):
             try:
                 yield service.stopService()
@@ -153,6 +158,10 @@ class DrainGuard(Service):
         self._app = app
         self._grace = grace
         self._reactor = reactor
+
+    def refuse_new(self) -> None:
+        """Make new ingests (and /ready) answer 503 at once; ``stopService`` then waits for in-flight ones."""
+        self._app.start_draining()
 
     def stopService(self):
         super().stopService()
@@ -370,6 +379,8 @@ def build_node(
         dedupe_window_seconds=settings.dedupe_window,
         timeout=settings.redis_timeout,
         reactor=reactor,
+        min_replicas_ack=settings.min_replicas_ack,
+        replica_ack_timeout_ms=settings.replica_ack_timeout,
     )
 
     def ping() -> Deferred:
@@ -395,6 +406,7 @@ def build_node(
         ),
         ping=ping,
         seconds=reactor.seconds,
+        serve_metrics=settings.ingest_metrics,
     )
 
     node.side_listener = None
@@ -404,7 +416,8 @@ def build_node(
         node.side_listener.setServiceParent(node)
     node.ingest_listener = None
     if "ingest" in settings.roles or ingest_fd is not None:
-        site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject)
+        site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject,
+                          header_timeout=settings.header_timeout)
         if ingest_fd is None:
             node.ingest_listener = _listener(reactor, settings.listen, site)
         else:

@@ -13,6 +13,12 @@ Redis URLs and connection pools.
   members are seeds for ``CLUSTER SLOTS``, commands go to the master owning their key's slot
   (payflux/streams/cluster.py); ``rediss+cluster://`` the same over TLS (``?ca_file=`` as above).
   No database number: a cluster has only database 0.
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[?db=N&sentinel_password=...
+  &sentinel_username=...]`` a primary found through Redis Sentinel: the listed sentinels are asked
+  ``SENTINEL get-master-addr-by-name <master-name>`` and PayFlux follows a failover to the new
+  primary (payflux/streams/sentinel.py).  user/password are the data nodes' credentials,
+  ``sentinel_password`` (and ``sentinel_username``) the sentinels' own.  Every sentinel needs an
+  explicit port.  ``rediss+sentinel://`` speaks TLS to sentinels and primary (``?ca_file=``).
 
 User names and passwords may be percent-encoded. The password never appears
 in ``repr``/``str`` of a RedisTarget; log ``target.redacted()``.
@@ -25,10 +31,13 @@ on a request path must bound their own operations (StreamWriter does).
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import attrs
 import txredisapi
+from twisted.logger import Logger
+
+_log = Logger()
 
 DEFAULT_PORT = 6379
 
@@ -45,15 +54,22 @@ class RedisTarget:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     ca_file: str | None = None
-    seeds: tuple[tuple[str, int], ...] = ()  # cluster members to ask for the slot table
+    seeds: tuple[tuple[str, int], ...] = ()  # cluster members to ask for the slot table; or the sentinels
+    master_name: str | None = None  # sentinel targets: the monitored primary's name
+    sentinel_username: str | None = None
+    sentinel_password: str | None = attrs.field(default=None, repr=False)
 
     @property
     def tls(self) -> bool:
-        return self.scheme in ("rediss", "rediss+cluster")
+        return self.scheme in ("rediss", "rediss+cluster", "rediss+sentinel")
 
     @property
     def cluster(self) -> bool:
         return self.scheme.endswith("+cluster")
+
+    @property
+    def sentinel(self) -> bool:
+        return self.scheme.endswith("+sentinel")
 
     def redacted(self) -> str:
         """The target as a URL with the password replaced by ``***`` (for logs)."""
@@ -70,6 +86,16 @@ class RedisTarget:
         elif self.username:
             auth = f"{self.username}@"
         extra = f"?ca_file={self.ca_file}" if self.ca_file else ""
+        if self.sentinel:
+            params = [f"db={self.db}"]
+            if self.sentinel_username:
+                params.append(f"sentinel_username={self.sentinel_username}")
+            if self.sentinel_password is not None:
+                params.append("sentinel_password=***")
+            if self.ca_file:
+                params.append(f"ca_file={self.ca_file}")
+            hosts = ",".join(_hostport(h, p) for h, p in self.seeds)
+            return f"{self.scheme}://{auth}{hosts}/{self.master_name}?{'&'.join(params)}"
         if self.cluster:
             return f"{self.scheme}://{auth}{','.join(_hostport(h, p) for h, p in self.seeds)}{extra}"
         return f"{self.scheme}://{auth}{_hostport(self.host, self.port)}/{self.db}{extra}"
@@ -134,9 +160,12 @@ def parse_redis_url(url: str) -> RedisTarget:
 
     if scheme in ("redis+cluster", "rediss+cluster"):
         return _parse_cluster(scheme, parts, query, shown)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel(scheme, parts, query)
     if scheme not in ("redis", "rediss"):
         raise ValueError(
-            f"invalid Redis URL {shown}: scheme must be redis://, rediss://, unix:// or redis+cluster://"
+            f"invalid Redis URL {shown}: scheme must be redis://, rediss://, unix://, redis+cluster:// "
+            "or redis+sentinel://"
         )
     if not parts.hostname:
         raise ValueError(f"invalid Redis URL {shown}: missing host")
@@ -171,12 +200,26 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
-def _parse_cluster(scheme: str, parts: Any, query: dict[str, list[str]], shown: str) -> RedisTarget:
-    """``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS)."""
-    shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if parts.path.strip("/"):
-        raise ValueError(f"invalid Redis URL {shown}: a cluster has no database number (only database 0)")
+def url_with_password(url: str, password: str) -> str:
+    """
+    ``url`` with ``password`` put in (percent-encoded), for a password read from a file
+    (``redis_password_file``).  The URL must not carry a password already (ValueError, without
+    the password in the message).  The user name, if any, stays.
+    """
+    target = parse_redis_url(url)
+    if target.password is not None:
+        raise ValueError("the Redis URL already carries a password; give it in one place only")
+    parts = urlsplit(url.strip())
+    if target.scheme == "unix":
+        query = f"{parts.query}&" if parts.query else ""
+        return f"unix://{parts.path}?{query}password={quote(password, safe='')}"
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}:{quote(password, safe='')}@{hosts}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _host_list(hosts: str, shown: str, what: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]`` (``[v6]:port`` too); every member needs its port."""
     seeds: list[tuple[str, int]] = []
     for item in hosts.split(","):
         item = item.strip()
@@ -186,10 +229,53 @@ def _parse_cluster(scheme: str, parts: Any, query: dict[str, list[str]], shown: 
         else:
             host, _, port_text = item.rpartition(":")
         if not host:
-            raise ValueError(f"invalid Redis URL {shown}: each cluster member must be host:port")
+            raise ValueError(f"invalid Redis URL {shown}: each {what} must be host:port")
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"invalid Redis URL {shown}: port of {host} must be an integer in 1-65535")
         seeds.append((host, int(port_text)))
+    return seeds
+
+
+def _parse_sentinel(scheme: str, parts: Any, query: dict[str, list[str]]) -> RedisTarget:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[?db=N&...]``."""
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    shown = f"{scheme}://{hosts}{parts.path}"
+    seeds = _host_list(hosts, shown, "sentinel")
+    name = unquote(parts.path.strip("/"))
+    if not name or "/" in name or any(c.isspace() for c in name):
+        raise ValueError(f"invalid Redis URL {shown}: path must be /<master-name> (the name sentinels monitor)")
+    allowed = {"db", "sentinel_password", "sentinel_username"} | ({"ca_file"} if scheme == "rediss+sentinel" else set())
+    unknown = set(query) - allowed
+    if unknown:
+        raise ValueError(f"invalid Redis URL {shown}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    db_raw = _single(query, "db", shown)
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return RedisTarget(
+        scheme=scheme,
+        host=seeds[0][0],
+        port=seeds[0][1],
+        db=_parse_db(db_raw, shown) if db_raw is not None else 0,
+        username=username,
+        password=password,
+        ca_file=_single(query, "ca_file", shown),
+        seeds=tuple(dict.fromkeys(seeds)),
+        master_name=name,
+        sentinel_username=_single(query, "sentinel_username", shown) or None,
+        sentinel_password=_single(query, "sentinel_password", shown),
+    )
+
+
+def _parse_cluster(scheme: str, parts: Any, query: dict[str, list[str]], shown: str) -> RedisTarget:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS)."""
+    shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if parts.path.strip("/"):
+        raise ValueError(f"invalid Redis URL {shown}: a cluster has no database number (only database 0)")
+    seeds = _host_list(hosts, shown, "cluster member")
     allowed = {"ca_file"} if scheme == "rediss+cluster" else set()
     unknown = set(query) - allowed
     if unknown:
@@ -232,13 +318,19 @@ def connect(
 ) -> Any:
     """
     A lazy txredisapi pool handler for ``target``, reconnecting forever; for a cluster target a
-    :class:`payflux.streams.cluster.ClusterClient` with one such pool per master.
+    :class:`payflux.streams.cluster.ClusterClient` with one such pool per master; for a sentinel
+    target a pool whose every (re)connection asks the sentinels where the primary is
+    (:func:`payflux.streams.sentinel.connect_sentinel`).
 
     ``convertNumbers`` is off: bulk replies are ``str`` (utf-8), never guessed
     into ints (an all-digit event id stays a string).  Reconnect backoff is
     capped at ``max_retry_delay`` seconds so the gateway is back soon after
     Redis is.  Close with ``handler.disconnect()``.
     """
+    if target.sentinel:
+        from payflux.streams.sentinel import connect_sentinel
+
+        return connect_sentinel(target, poolsize, connect_timeout, reply_timeout, max_retry_delay, protocol)
     if target.cluster:
         from payflux.streams.cluster import ClusterClient
 
@@ -274,4 +366,36 @@ def connect(
         factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
         if protocol is not None:
             factory.protocol = protocol
+        _report_refusal(factory, target)
     return handler
+
+
+def _report_refusal(factory: Any, target: RedisTarget) -> None:
+    """
+    When Redis refuses the pool's AUTH or SELECT (wrong password, unknown ACL user, bad db):
+    log it once, naming the redacted target, and fail every command waiting for a connection.
+
+    txredisapi then stops reconnecting for good, and commands issued before the refusal would
+    wait forever for a pooled connection (a sampler waiting so would hang the node's stop).  It
+    would also log the refusal once per pooled connection; ``isLazy`` only gates those log
+    lines and, with ``reconnect=True`` (always, here), nothing else.
+    """
+    refused = getattr(factory, "deferred", None)
+    if refused is None:
+        return
+    factory.isLazy = False
+
+    def on_refusal(failure: Any) -> None:
+        reason = failure.getErrorMessage().removeprefix("Redis error: ")
+        _log.error(
+            "Redis at {redis} refused PayFlux: {reason}; fix the credentials (redis_url / "
+            "redis_password_file) and restart: until then ingest and /ready answer 503",
+            redis=target.redacted(), reason=reason,
+        )
+        queue = factory.connectionQueue
+        waiting, queue.waiting = list(queue.waiting), []
+        peekers, queue.peekers = list(getattr(queue, "peekers", [])), []
+        for d in waiting + peekers:
+            d.errback(txredisapi.ConnectionError(f"Redis refused PayFlux: {reason}"))
+
+    refused.addErrback(on_refusal)
