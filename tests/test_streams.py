@@ -153,3 +153,51 @@ class TlsOptionsTests(unittest.TestCase):
 
         creator = tls_options(parse_redis_url("rediss://redis.example.com:6380"))
         self.assertTrue(IOpenSSLClientConnectionCreator.providedBy(creator))
+
+
+class ReportRefusalTests(unittest.TestCase):
+    """A pool whose AUTH/SELECT failed: one log line saying which case, waiting commands fail."""
+
+    def pool(self):
+        from twisted.internet import defer
+
+        class Queue:
+            def __init__(self):
+                self.waiting, self.peekers = [defer.Deferred()], [defer.Deferred()]
+
+        class Factory:
+            deferred = defer.Deferred()
+            isLazy = True
+            connectionQueue = Queue()
+
+        return Factory()
+
+    def run_case(self, reason: str) -> tuple[str, list]:
+        import txredisapi
+        from twisted.logger import globalLogPublisher, formatEvent
+
+        from payflux.streams.connection import _report_refusal
+
+        factory = self.pool()
+        waiting = factory.connectionQueue.waiting + factory.connectionQueue.peekers
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _report_refusal(factory, parse_redis_url("redis://app:s3cret-pw@10.0.0.5:7000/2"))
+        factory.deferred.errback(ValueError(f"Redis error: {reason}"))
+        for d in waiting:
+            self.failureResultOf(d, txredisapi.ConnectionError)
+        lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("payflux.streams")]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertNotIn("s3cret-pw", lines[0])
+        return lines[0], waiting
+
+    def test_a_refused_login_names_the_credentials(self):
+        line, _ = self.run_case("could not auth: WRONGPASS invalid username-password pair")
+        self.assertIn("refused PayFlux", line)
+        self.assertIn("redis_password_file", line)
+
+    def test_a_connection_lost_during_the_handshake_is_not_called_a_refusal(self):
+        line, _ = self.run_case("could not set dbid=2: Lost connection")
+        self.assertIn("closed the connection during AUTH/SELECT", line)
+        self.assertNotIn("refused", line)

@@ -387,11 +387,18 @@ def _report_refusal(factory: Any, target: RedisTarget) -> None:
 
     def on_refusal(failure: Any) -> None:
         reason = failure.getErrorMessage().removeprefix("Redis error: ")
-        _log.error(
-            "Redis at {redis} refused PayFlux: {reason}; fix the credentials (redis_url / "
-            "redis_password_file) and restart: until then ingest and /ready answer 503",
-            redis=target.redacted(), reason=reason,
-        )
+        if reason.endswith("Lost connection"):
+            # not a refusal: Redis went away in the middle of AUTH/SELECT, and txredisapi
+            # stops reconnecting all the same
+            _log.error("Redis at {redis} closed the connection during AUTH/SELECT ({reason}); this pool "
+                       "no longer reconnects: restart PayFlux once Redis is back (until then 503)",
+                       redis=target.redacted(), reason=reason)
+        else:
+            _log.error(
+                "Redis at {redis} refused PayFlux: {reason}; fix the credentials (redis_url / "
+                "redis_password_file) and restart: until then ingest and /ready answer 503",
+                redis=target.redacted(), reason=reason,
+            )
         queue = factory.connectionQueue
         waiting, queue.waiting = list(queue.waiting), []
         peekers, queue.peekers = list(getattr(queue, "peekers", [])), []

@@ -296,6 +296,9 @@ def connect_sentinel(
     endpoint = SentinelEndpoint(target, SentinelResolver(target, connect_timeout), connect_timeout, reactor)
     endpoint.factory = factory
     factory.handler.endpoint = endpoint
+    from payflux.streams.connection import _report_refusal  # connection imports this module
+
+    _report_refusal(factory, target)  # as for every other pool: a refused AUTH/SELECT is one line
     factory.startConnecting(endpoint)
     return factory.handler
 
