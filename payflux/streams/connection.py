@@ -249,11 +249,7 @@ def _parse_sentinel(scheme: str, parts: Any, query: dict[str, list[str]]) -> Red
     if unknown:
         raise ValueError(f"invalid Redis URL {shown}: unknown parameter(s) {', '.join(sorted(unknown))}")
     db_raw = _single(query, "db", shown)
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    username, password = _userinfo(userinfo) if at else (None, None)
     return RedisTarget(
         scheme=scheme,
         host=seeds[0][0],
@@ -269,6 +265,12 @@ def _parse_sentinel(scheme: str, parts: Any, query: dict[str, list[str]]) -> Red
     )
 
 
+def _userinfo(userinfo: str) -> tuple[str | None, str | None]:
+    """(username, password) of a URL's ``user:password`` part, percent-decoded; empty user = None."""
+    user, colon, secret = userinfo.partition(":")
+    return unquote(user) or None, unquote(secret) if colon else None
+
+
 def _parse_cluster(scheme: str, parts: Any, query: dict[str, list[str]], shown: str) -> RedisTarget:
     """``redis+cluster://[[user]:password@]host:port[,host:port...]`` (``rediss+cluster`` for TLS)."""
     shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
@@ -280,11 +282,7 @@ def _parse_cluster(scheme: str, parts: Any, query: dict[str, list[str]], shown: 
     unknown = set(query) - allowed
     if unknown:
         raise ValueError(f"invalid Redis URL {shown}: unknown parameter(s) {', '.join(sorted(unknown))}")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    username, password = _userinfo(userinfo) if at else (None, None)
     return RedisTarget(
         scheme=scheme,
         host=seeds[0][0],
