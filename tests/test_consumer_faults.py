@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from payflux.streams.connection import connect, parse_redis_url
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import PreparedEvent, StreamWriter, fingerprint_of
-from tests.support.consumers import sleep, wait_for
+from tests.support.consumers import consumer_started, sleep, wait_for
 from tests.support.redis import redis_test_cases
 
 PROC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "consumer_proc.py")
@@ -83,6 +83,8 @@ class ConsumerFaultsMixin:
         await wait_for(all_handled, timeout=30, what="every event handled")
         await wait_for(lambda: int(self.server.sync_command("XPENDING", KEYS.events(0), "g")[0]) == 0,
                        timeout=10, what="nothing pending")
+        for proc in (victim, other):
+            await consumer_started(proc)  # the last victim may not have installed its handler yet
         for proc in (victim, other):
             proc.send_signal(signal.SIGTERM)
         for proc in (victim, other):

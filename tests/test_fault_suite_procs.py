@@ -28,6 +28,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from tests.support.consumers import consumer_started
 from tests.support.load import LOST, REFUSED, TIMEOUT, Verdict, stream_entries
 from tests.support.node import start_node
 from tests.support.process import TWISTD, clean_env, kill_embedded_redis
@@ -333,18 +334,7 @@ class ConsumerChaosLoop(FaultCase):
         proc = subprocess.Popen([sys.executable, CONSUMER_PROC, url, name, "handled", "0.05"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        os.set_blocking(proc.stdout.fileno(), False)
         return proc
-
-    async def started(self, proc: subprocess.Popen) -> None:
-        """Wait (bounded) for the consumer's "ready" line: a SIGTERM before it has no handler yet."""
-        seen = bytearray()
-
-        def ready() -> bool:
-            seen.extend(proc.stdout.read() or b"")
-            return b"ready" in seen
-
-        await poll(ready, 15, "the consumer process to start")
 
     async def test_every_acknowledged_event_handled_at_least_once(self):
         seed = int(os.environ.get("PAYFLUX_CHAOS_SEED", time.time_ns() % 100000))
@@ -380,7 +370,7 @@ class ConsumerChaosLoop(FaultCase):
         await poll(lambda: set(handled()) >= acknowledged, 30, "every acknowledged event handled")
         await poll(lambda: int(server.sync_command("XPENDING", "pf:{0}:events", "g")[0]) == 0, 15, "nothing pending")
         for proc in (victim, survivor):
-            await self.started(proc)
+            await consumer_started(proc)
             proc.send_signal(signal.SIGTERM)
         for proc in (victim, survivor):
             self.assertEqual(proc.wait(10), 0)

@@ -30,6 +30,25 @@ async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: st
         await sleep(0.01)
 
 
+async def consumer_started(proc: Any, timeout: float = 15.0) -> None:
+    """
+    Wait (bounded) for tests/support/consumer_proc.py's "ready" line: a SIGTERM before it has no
+    handler installed yet and kills the process with a non-zero status.  ``proc.stdout`` must be
+    a pipe; it is switched to non-blocking here.
+    """
+    import os
+
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen = getattr(proc, "_payflux_stdout", bytearray())
+    proc._payflux_stdout = seen
+
+    def ready() -> bool:
+        seen.extend(proc.stdout.read() or b"")
+        return b"ready" in seen
+
+    await wait_for(ready, timeout, "the consumer process to start")
+
+
 def config(**kw: Any) -> ConsumerConfig:
     base = dict(name="c1", group="g", handler="noop", consumer_name="worker-1", block_ms=200)
     base.update(kw)
