@@ -103,6 +103,7 @@ class LoadDriver:
         self.make_event = make_event
         self.reactor = reactor
         self.records: dict[str, EventRecord] = {}
+        self._posting: dict[object, float] = {}  # requests on the wire -> when they started
         self._stopped_at: float | None = None
         self._running: defer.Deferred | None = None
         self._n = 0
@@ -158,6 +159,8 @@ class LoadDriver:
     async def post(self, event: dict) -> Attempt:
         """One POST over a fresh connection; never raises, always returns the outcome."""
         started = time.monotonic()
+        token = object()
+        self._posting[token] = started
         headers = {"Content-Type": ["application/json"], "Authorization": [f"Bearer {self.secret}"]}
         try:
             response = await treq.post(self.base + SINGLE, data=json.dumps(event).encode(), headers=headers,
@@ -167,6 +170,8 @@ class LoadDriver:
             from twisted.python.failure import Failure
 
             return Attempt(started, time.monotonic(), error=_classify(Failure()))
+        finally:
+            del self._posting[token]
         ended = time.monotonic()
         try:
             body = json.loads(raw)
@@ -179,6 +184,10 @@ class LoadDriver:
             attempt.stream_id = body["id"]
             attempt.duplicate = bool(body.get("duplicate"))
         return attempt
+
+    def oldest_pending_age(self) -> float:
+        """Seconds the longest-waiting request on the wire has waited (0 when none is)."""
+        return time.monotonic() - min(self._posting.values()) if self._posting else 0.0
 
     # --- reading results ---
 
