@@ -108,6 +108,7 @@ class IngestChannel(http.HTTPChannel):
 
     header_timeout: float | None = None
     _payflux_head_deadline = None
+    _payflux_head_open = False  # a head has begun and its headers are not all in yet
     _payflux_refused = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -116,9 +117,14 @@ class IngestChannel(http.HTTPChannel):
         # line mode = reading a request line or headers (raw mode: a body, or a request being
         # handled); the clock starts at the first byte of a head, not at connect, so an idle
         # keep-alive connection is left to the factory's idle timeout.
-        if self.line_mode and self._payflux_head_deadline is None and self.header_timeout:
-            self._payflux_head_deadline = self.callLater(self.header_timeout, self._payflux_head_timed_out)
+        if self.line_mode and not self._payflux_head_open:
+            self._payflux_head_open = True
         super().dataReceived(data)
+        # Only a head still incomplete after this chunk needs a clock: most requests arrive
+        # whole in one read, so most requests schedule and cancel no timer at all.
+        if self._payflux_head_open and self._payflux_head_deadline is None and self.header_timeout \
+                and not self._payflux_refused:
+            self._payflux_head_deadline = self.callLater(self.header_timeout, self._payflux_head_timed_out)
 
     def lineReceived(self, line: bytes) -> None:
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
@@ -135,6 +141,7 @@ class IngestChannel(http.HTTPChannel):
         self._payflux_head_too_large()
 
     def allHeadersReceived(self) -> None:
+        self._payflux_head_open = False
         self._payflux_cancel_head_deadline()
         super().allHeadersReceived()
 
