@@ -31,7 +31,7 @@ from twisted.internet.task import deferLater
 from tests.support.consumers import consumer_started
 from tests.support.load import LOST, REFUSED, TIMEOUT, Verdict, stream_entries
 from tests.support.node import start_node
-from tests.support.process import TWISTD, clean_env, kill_embedded_redis
+from tests.support.process import TWISTD, clean_env, reap_supervisor, worker_pids
 from tests.support.redis import free_port
 from tests.test_consumer_faults import PROC as CONSUMER_PROC
 from tests.test_fault_suite import FaultCase
@@ -73,15 +73,7 @@ class Daemon:
         testcase.addCleanup(self.reap)
 
     def reap(self) -> None:
-        if self.proc.poll() is None:
-            for pid in self.worker_pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.proc.kill()
-            self.proc.wait()
-        kill_embedded_redis(self.data_dir)
+        reap_supervisor(self.proc, self.data_dir)
         self.log.close()
 
     def log_text(self) -> str:
@@ -90,18 +82,7 @@ class Daemon:
 
     def worker_pids(self) -> list[int]:
         """Live ``payflux.worker`` children of the supervisor."""
-        try:
-            children = open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split()
-        except OSError:
-            return []
-        pids = []
-        for pid in map(int, children):
-            try:
-                if b"payflux.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
+        return worker_pids(self.proc.pid)
 
     async def side(self, path: str) -> tuple[int, bytes]:
         response = await treq.get(f"http://127.0.0.1:{self.side_port}{path}", persistent=False, timeout=5)

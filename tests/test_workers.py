@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD, clean_env, kill_embedded_redis
+from tests.support.process import TWISTD, clean_env, reap_supervisor, worker_pids
 from tests.support.redis import free_port, sync_command_at
 
 SECRET = "workers-test-secret-0123456789"
@@ -55,30 +55,11 @@ class WorkersTests(SynchronousTestCase):
         self.addCleanup(self._reap)
 
     def _reap(self):
-        if self.proc is not None and self.proc.poll() is None:
-            for pid in self.worker_pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.proc.kill()
-            self.proc.wait()
-        kill_embedded_redis(self.data_dir)
+        reap_supervisor(self.proc, self.data_dir)
 
     def worker_pids(self) -> list[int]:
         """Live worker processes: children of the supervisor running payflux.worker."""
-        pids = []
-        try:
-            children = open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split()
-        except OSError:
-            return pids
-        for pid in map(int, children):
-            try:
-                if b"payflux.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
+        return worker_pids(self.proc.pid)
 
     def log_text(self) -> str:
         with open(os.path.join(self.dir, "twistd.log"), "rb") as f:

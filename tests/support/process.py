@@ -23,3 +23,32 @@ def kill_embedded_redis(data_dir: str) -> None:
             os.kill(int(open(pidfile).read().strip()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """Live ``payflux.worker`` children of a ``--workers`` supervisor (read from /proc)."""
+    try:
+        children = open(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read().split()
+    except OSError:
+        return []
+    pids = []
+    for pid in map(int, children):
+        try:
+            if b"payflux.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def reap_supervisor(proc, data_dir: str) -> None:
+    """A test's last word on a twistd process: SIGKILL it and its workers if still up, then its embedded Redis."""
+    if proc is not None and proc.poll() is None:
+        for pid in worker_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.kill()
+        proc.wait()
+    kill_embedded_redis(data_dir)
