@@ -363,13 +363,7 @@ consumer_name = "exporter-1"
 options = {{ topic = "payments", bootstrap_servers = "{cluster.bootstrap}", flush_timeout = 2.0 }}
 """)
         daemon.start()
-        in_flight_at_kills = 0
-        for target in (200, 600):
-            await daemon.wait_for(lambda: self.acked() >= target and self.pending() > 0, timeout=20,
-                                  what=f"{target} events exported with a batch in flight")
-            in_flight_at_kills += self.pending()
-            daemon.kill()
-            daemon.start()  # same consumer name: its own pending entries are read again first
+        in_flight_at_kills = await daemon.kill_mid_export(self.acked, self.pending)
         expected = {e["event_id"] for e in events}
 
         def ids() -> collections.Counter:

@@ -346,13 +346,7 @@ options = {{ directory = "{directory}", max_rows = 1000, max_batches = {max_batc
         # so a kill finds some in flight
         daemon = self.daemon(out, max_age=0.1, max_batches=0)
         daemon.start()
-        in_flight_at_kills = 0
-        for target in (200, 600):
-            await daemon.wait_for(lambda: self.acked() >= target and self.pending() > 0, timeout=20,
-                                  what=f"{target} events exported with a batch in flight")
-            in_flight_at_kills += self.pending()
-            daemon.kill()
-            daemon.start()  # same consumer name: its own pending entries are read again first
+        in_flight_at_kills = await daemon.kill_mid_export(self.acked, self.pending)
         expected = {e["event_id"] for e in events}
 
         def ids() -> collections.Counter:

@@ -58,6 +58,21 @@ class ConsumerDaemon:
         return "".join(open(os.path.join(self.dir, f"twistd-{n}.log"), errors="replace").read()
                        for n in range(self.runs))
 
+    async def kill_mid_export(self, acked: Any, pending: Any, targets: tuple[int, ...] = (200, 600)) -> int:
+        """
+        SIGKILL the daemon each time ``acked()`` reaches the next of ``targets`` while ``pending()``
+        entries are in flight, restarting it under the same consumer name (its own pending
+        entries are read again first); returns how many entries were in flight at the kills.
+        """
+        in_flight = 0
+        for target in targets:
+            await self.wait_for(lambda: acked() >= target and pending() > 0, timeout=20,
+                                what=f"{target} events exported with a batch in flight")
+            in_flight += pending()
+            self.kill()
+            self.start()
+        return in_flight
+
     async def wait_for(self, condition: Any, timeout: float, what: str) -> None:
         try:
             await wait_for(condition, timeout=timeout, what=what)
