@@ -356,16 +356,23 @@ def connect(
             ssl_context_factory=tls_options(target) if target.tls else False,
             **common,
         )
-    # RedisFactory's default backoff grows to 10 s; a payment gateway wants
-    # to notice a restarted Redis within a couple of seconds.
     factory = getattr(handler, "_factory", None)
     if factory is not None:
-        factory.maxDelay = max_retry_delay
-        factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
-        if protocol is not None:
-            factory.protocol = protocol
-        _report_refusal(factory, target)
+        tune_factory(factory, target, max_retry_delay, protocol)
     return handler
+
+
+def tune_factory(factory: Any, target: RedisTarget, max_retry_delay: float, protocol: Any = None) -> None:
+    """
+    What every PayFlux pool's txredisapi factory gets: a reconnect backoff capped at
+    ``max_retry_delay`` (RedisFactory's default grows to 10 s; a payment gateway wants to notice a
+    restarted Redis within a couple of seconds), ``protocol`` if given, and refusal reporting.
+    """
+    factory.maxDelay = max_retry_delay
+    factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
+    if protocol is not None:
+        factory.protocol = protocol
+    _report_refusal(factory, target)
 
 
 def _report_refusal(factory: Any, target: RedisTarget) -> None:

@@ -290,15 +290,12 @@ def connect_sentinel(
         target.redacted(), target.db or None, poolsize, isLazy=True, handler=SentinelHandler,
         password=target.password, replyTimeout=reply_timeout, convertNumbers=False, username=target.username,
     )
-    factory.protocol = primary_only(protocol)
-    factory.maxDelay = max_retry_delay
-    factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
+    from payflux.streams.connection import tune_factory  # connection imports this module
+
+    tune_factory(factory, target, max_retry_delay, primary_only(protocol))  # as every other pool
     endpoint = SentinelEndpoint(target, SentinelResolver(target, connect_timeout), connect_timeout, reactor)
     endpoint.factory = factory
     factory.handler.endpoint = endpoint
-    from payflux.streams.connection import _report_refusal  # connection imports this module
-
-    _report_refusal(factory, target)  # as for every other pool: a refused AUTH/SELECT is one line
     factory.startConnecting(endpoint)
     return factory.handler
 
