@@ -10,7 +10,7 @@ The ``payflux`` operator command.
   oldest pending age) and DLQ depth.
 - ``payflux dlq list|replay|purge``: inspect, re-append or delete dead letters.
 
-The Redis commands take ``--redis-url``, ``--stream-prefix``, ``--partitions`` and ``--data-dir``,
+The Redis commands take ``--redis-url``, ``--stream-prefix``, ``--partitions``, ``--layout`` and ``--data-dir``,
 defaulting from the daemon's settings (``--config`` TOML file, ``PAYFLUX_*`` env); with no Redis
 URL configured they use the embedded Redis socket ``<data_dir>/redis.sock``.  People get
 tables, scripts get ``--json``; every failure is one line on stderr and a non-zero exit
@@ -71,6 +71,7 @@ def _redis_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="data directory of the embedded Redis (default: settings)")
     parser.add_argument("--stream-prefix", help="key prefix (default: settings)")
     parser.add_argument("--partitions", help="number of partitions (default: settings)")
+    parser.add_argument("--layout", help="key layout, payflux or seed (default: settings)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Redis")
     return parser
 
@@ -84,7 +85,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, int]:
     # The CLI never authenticates producers: insecure_dev_mode only lifts the daemon's
     # "ingest needs API keys" check so an operator box without keys can use the CLI.
     overrides = {"redis_url": args.redis_url, "data_dir": args.data_dir, "stream_prefix": args.stream_prefix,
-                 "partitions": args.partitions, "insecure_dev_mode": True}
+                 "partitions": args.partitions, "layout": args.layout, "insecure_dev_mode": True}
     try:
         settings = load_settings(cli=overrides, config_path=args.config)
     except ConfigError as e:
@@ -96,7 +97,8 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, int]:
             raise CommandError(f"no Redis URL configured and no embedded Redis socket at {socket_path} "
                                "(is the node running with this --data-dir? or pass --redis-url)")
         url = f"unix://{socket_path}"
-    return open_sync(url, timeout=args.timeout), StreamKeys(settings.stream_prefix), settings.partitions
+    keys = StreamKeys(settings.stream_prefix, layout=settings.layout)
+    return open_sync(url, timeout=args.timeout), keys, settings.partitions
 
 
 def _age(seconds: float | None) -> str:

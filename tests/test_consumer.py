@@ -360,10 +360,19 @@ class HandlerProtocolTests(unittest.TestCase):
             (ok[:7] + ["x"] + ok[8:], "received_at is not an integer"),
             (ok[:9] + ["[1]"], "not a JSON object"),
             (ok[:9] + ["{"], "not valid JSON"),
+            (["data", "{"], "not valid JSON"),
+            (["data", "[1]"], "not a JSON object"),
+            (["data", json.dumps({"event_type": "x"})], "needs event_id and event_type"),
+            (["data", json.dumps({"event_id": "", "event_type": "x"})], "needs event_id and event_type"),
         ]:
             with self.assertRaises(MalformedEntry) as cm:
                 decode_entry("1-0", 0, fields, 1)
             self.assertIn(why, str(cm.exception))
+
+    def test_decode_entry_reads_the_go_payfluxs_data_only_entries(self):
+        event = {"event_id": "uuid-123", "event_type": "payment_failed", "processor": "stripe"}
+        self.assertEqual(decode_entry("1767657600000-3", 0, ["data", json.dumps(event)], 1),
+                         Entry("1767657600000-3", 0, "uuid-123", 1767657600000, "go", event, 1, "payment_failed"))
 
     def test_entries_failed_carries_failures(self):
         e = EntriesFailed({"1-0": ValueError("x")})

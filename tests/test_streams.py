@@ -35,6 +35,28 @@ class StreamKeysTests(unittest.TestCase):
         tags = {key.split("{", 1)[1].split("}", 1)[0] for key in (k.events(5), k.dlq(5), k.seen(5, "x{y}"))}
         self.assertEqual(tags, {"5"})
 
+    def test_seed_layout_names_the_go_payflux_keys(self):
+        for k in (StreamKeys(layout="seed"), StreamKeys("acme:prod", layout="seed")):
+            self.assertEqual(k.events(0), "events_stream")
+            self.assertEqual(k.dlq(0), "events_stream_dlq")
+            self.assertEqual(k.seen(0, "evt_123"), "{events_stream}:seen:evt_123")
+        self.assertEqual(StreamKeys("acme:prod", layout="seed").prefix, "acme:prod")  # alerts etc. stay under it
+
+    def test_seed_layout_has_one_partition(self):
+        k = StreamKeys(layout="seed")
+        for p in (1, 2, -1):
+            for name in (k.events, k.dlq, lambda p: k.seen(p, "e")):
+                with self.assertRaises(ValueError, msg=(name, p)):
+                    name(p)
+
+    def test_layouts(self):
+        self.assertEqual(StreamKeys().layout, "payflux")
+        self.assertEqual(StreamKeys(layout="payflux"), StreamKeys())
+        self.assertNotEqual(StreamKeys(layout="seed"), StreamKeys())
+        for bad in ("", "go", "SEED", None):
+            with self.assertRaises((ValueError, TypeError), msg=repr(bad)):
+                StreamKeys(layout=bad)
+
 
 class PartitionTests(unittest.TestCase):
     # Fixed vectors: these are part of stream-format v1 and must never change.

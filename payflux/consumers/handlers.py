@@ -95,6 +95,8 @@ def decode_entry(stream_id: str, partition: int, fields: list[str] | None, deliv
         else:
             if type(event) is dict:
                 return Entry(stream_id, partition, fields[3], received_at_ms, "1", event, deliveries, fields[5])
+    if len(fields) == 2 and fields[0] == "data":
+        return _go_entry(stream_id, partition, fields[1], deliveries)
     f = dict(zip(fields[::2], fields[1::2]))
     missing = [name for name in REQUIRED_FIELDS if name not in f]
     if missing:
@@ -112,6 +114,22 @@ def decode_entry(stream_id: str, partition: int, fields: list[str] | None, deliv
     if not isinstance(event, dict):
         raise MalformedEntry("data is not a JSON object")
     return Entry(stream_id, partition, f["event_id"], received_at_ms, f["v"], event, deliveries, f["type"])
+
+
+def _go_entry(stream_id: str, partition: int, data: str, deliveries: int) -> Entry:
+    """An entry the Go PayFlux wrote (``XADD events_stream * data <json>``; v ``"go"``): the
+    event id and type come from its JSON, ``received_at`` from the entry id's milliseconds."""
+    try:
+        event = _loads(data)
+    except ValueError as e:
+        raise MalformedEntry(f"data is not valid JSON: {e}") from None
+    if not isinstance(event, dict):
+        raise MalformedEntry("data is not a JSON object")
+    event_id, event_type = event.get("event_id"), event.get("event_type")
+    if not isinstance(event_id, str) or not event_id or not isinstance(event_type, str):
+        raise MalformedEntry("a data-only (Go PayFlux) entry needs event_id and event_type strings in data")
+    return Entry(stream_id, partition, event_id, int(stream_id.split("-", 1)[0]), "go", event, deliveries,
+                 event_type)
 
 
 @attrs.frozen

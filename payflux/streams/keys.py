@@ -12,6 +12,16 @@ together in one Lua call::
 ``partition_for`` is the documented, stable partition function; changing it
 would reorder a merchant's events across partitions, so it never changes
 within stream-format v1.
+
+``layout="seed"`` (setting ``layout = "seed"``) names the Go PayFlux's keys
+instead; it has one partition (0) and the prefix is not used for them::
+
+    events_stream                      the event stream
+    events_stream_dlq                  the dead-letter stream
+    {events_stream}:seen:<event_id>    dedupe record (hash tag: events_stream's slot)
+
+Keys PayFlux adds that the Go program has no counterpart for (the alerts
+stream, risk state, ...) stay under ``<prefix>:`` in both layouts.
 """
 
 from __future__ import annotations
@@ -23,6 +33,10 @@ import attrs
 
 _BAD_PREFIX = re.compile(r"[{}\s]")
 
+LAYOUTS = ("payflux", "seed")
+SEED_STREAM = "events_stream"
+SEED_DLQ = "events_stream_dlq"
+
 
 def _check_prefix(instance: object, attribute: attrs.Attribute, value: str) -> None:
     if not isinstance(value, str) or not value:
@@ -33,26 +47,40 @@ def _check_prefix(instance: object, attribute: attrs.Attribute, value: str) -> N
 
 @attrs.frozen
 class StreamKeys:
-    """Key names for one PayFlux deployment (``prefix`` separates deployments)."""
+    """
+    Key names for one PayFlux deployment (``prefix`` separates deployments; ``layout`` is
+    "payflux", the hash-tagged partitioned keys, or "seed", the Go PayFlux's ``events_stream``).
+    """
 
     prefix: str = attrs.field(default="payflux", validator=_check_prefix)
+    layout: str = attrs.field(default="payflux", kw_only=True, validator=attrs.validators.in_(LAYOUTS))
 
     def _base(self, p: int) -> str:
         if not isinstance(p, int) or p < 0:
             raise ValueError(f"partition must be a non-negative integer, not {p!r}")
+        if self.layout == "seed":
+            if p != 0:
+                raise ValueError(f"layout seed has one partition (0), not {p!r}")
+            return SEED_STREAM
         return f"{self.prefix}:{{{p}}}"
 
     def events(self, p: int) -> str:
-        """The event stream of partition ``p``: ``<prefix>:{p}:events``."""
-        return f"{self._base(p)}:events"
+        """The event stream of partition ``p``: ``<prefix>:{p}:events`` (seed: ``events_stream``)."""
+        base = self._base(p)
+        return base if self.layout == "seed" else f"{base}:events"
 
     def dlq(self, p: int) -> str:
-        """The dead-letter stream of partition ``p``: ``<prefix>:{p}:dlq``."""
-        return f"{self._base(p)}:dlq"
+        """The dead-letter stream of partition ``p``: ``<prefix>:{p}:dlq`` (seed: ``events_stream_dlq``)."""
+        base = self._base(p)
+        return SEED_DLQ if self.layout == "seed" else f"{base}:dlq"
 
     def seen(self, p: int, event_id: str) -> str:
-        """The dedupe key of ``event_id`` in partition ``p``: ``<prefix>:{p}:seen:<event_id>``."""
-        return f"{self._base(p)}:seen:{event_id}"
+        """
+        The dedupe key of ``event_id`` in partition ``p``: ``<prefix>:{p}:seen:<event_id>``
+        (seed: ``{events_stream}:seen:<event_id>``, in ``events_stream``'s cluster slot).
+        """
+        base = self._base(p)
+        return f"{{{base}}}:seen:{event_id}" if self.layout == "seed" else f"{base}:seen:{event_id}"
 
 
 def partition_for(merchant_id_hash: str, partitions: int) -> int:
