@@ -91,6 +91,22 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"must be true or false, got {value!r}")
 
 
+def _optional_bool(value: Any) -> bool | None:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return _bool(value)
+
+
+def _choice(*accepted: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _str(value).strip().lower()
+        if text not in accepted:
+            raise ValueError(f"must be one of {', '.join(accepted)}, got {value!r}")
+        return text
+
+    return parse
+
+
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {type(value).__name__}")
@@ -267,7 +283,24 @@ OPTIONS: tuple[Option, ...] = (
         _float(0, 86400),
         "Seconds occurred_at may lie in the future before an event is rejected.",
     ),
-    Option("allow_unknown_fields", False, _bool, "Drop unknown event fields instead of rejecting."),
+    Option(
+        "unknown_fields",
+        "drop",
+        _choice("drop", "reject"),
+        "Unknown event fields: drop (accepted, never stored, listed in ignored_fields) or reject (422).",
+    ),
+    Option(
+        "allow_unknown_fields",
+        None,
+        _optional_bool,
+        "Deprecated: true = unknown_fields drop, false = unknown_fields reject.",
+    ),
+    Option(
+        "layout",
+        "payflux",
+        _choice("payflux", "seed"),
+        "Redis layout: payflux (hash-tagged, partitioned) or seed (the Go PayFlux's events_stream).",
+    ),
     Option("rate_limit", 10_000.0, _float(0, 1e9), "Events per second per API key; 0 = unlimited."),
     Option("rate_burst", 20_000, _int(1, 1_000_000_000), "Token-bucket size per API key, in events."),
     Option("redis_timeout", 2.0, _float(0.05, 60), "Seconds an append may wait for Redis before 503."),
@@ -342,7 +375,9 @@ class Settings:
     max_event_bytes: int
     header_timeout: float
     future_skew: float
-    allow_unknown_fields: bool
+    unknown_fields: str
+    allow_unknown_fields: bool | None
+    layout: str
     rate_limit: float
     rate_burst: int
     redis_timeout: float
@@ -359,6 +394,10 @@ class Settings:
     dlq_max_age: float
     dlq_max_length: int
     consumers: tuple[ConsumerConfig, ...] = ()
+    # what load_settings took from the Go PayFlux's environment (payflux/goenv.py), logged once at start
+    legacy_env: tuple[str, ...] = attrs.field(default=(), repr=False, eq=False)
+    legacy_warnings: tuple[str, ...] = attrs.field(default=(), repr=False, eq=False)
+    legacy_ignored: tuple[str, ...] = attrs.field(default=(), repr=False, eq=False)
 
     @property
     def redis_cluster(self) -> bool:
@@ -493,6 +532,10 @@ def load_settings(
         if key not in OPTIONS_BY_NAME:
             raise ConfigError(key, "unknown option")
         raw[key] = (value, "cli")
+    from payflux.goenv import translate  # the Go PayFlux's variables: the weakest source of their settings
+
+    legacy = translate(env, raw)
+    raw.update((name, (value, "go-env")) for name, value in legacy.overrides.items())
 
     values: dict[str, Any] = {}
     for option in OPTIONS:
@@ -530,12 +573,14 @@ def load_settings(
             keys.extend(parse_api_keys(lines, path))
         except ValueError as e:
             raise ConfigError("api_keys_file", str(e)) from None
+    keys.extend(legacy.api_keys)
     seen: set[str] = set()
     for key in keys:
         if key.key_id in seen:
             raise ConfigError("api_keys", f"key id {key.key_id!r} is defined twice")
         seen.add(key.key_id)
     values["api_keys"] = tuple(keys)
+    values["revoked_keys"] = legacy.revoke(values["revoked_keys"], keys)
 
     consumers = []
     for index, table in enumerate(consumer_tables):
@@ -580,6 +625,17 @@ def load_settings(
         if values["replica_ack_timeout"] >= values["redis_timeout"] * 1000:
             raise ConfigError("replica_ack_timeout", f"must be below redis_timeout "
                                                      f"({values['redis_timeout'] * 1000:g} ms) when min_replicas_ack is set")
+    if values["allow_unknown_fields"] is not None and "unknown_fields" not in raw:
+        values["unknown_fields"] = "drop" if values["allow_unknown_fields"] else "reject"
+    if values["layout"] == "seed" and values["partitions"] != 1:
+        raise ConfigError("partitions", "layout seed has one stream (events_stream); use partitions = 1")
+    if values["layout"] == "seed" and values["redis_url"]:
+        from payflux.streams.connection import parse_redis_url
+
+        if parse_redis_url(values["redis_url"]).cluster:
+            raise ConfigError("layout", "seed needs a single Redis or Sentinel: events_stream and "
+                                        "events_stream_dlq are in different cluster slots")
     if values["rate_limit"] and values["rate_burst"] < 1:
         raise ConfigError("rate_burst", "must be at least 1 when rate_limit is set")
-    return Settings(**values)
+    return Settings(**values, legacy_env=tuple(legacy.lines), legacy_warnings=tuple(legacy.warnings),
+                    legacy_ignored=legacy.ignored)

@@ -39,6 +39,7 @@ from payflux.consumers.stats import GroupStatsSampler
 from payflux.consumers.trim import TrimService
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.exporters.metrics import bind_exporter_metrics
+from payflux.goenv import log_go_env
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.auth import Authenticator, RateLimiter
 from payflux.ingest.http import BoundedRequest, IngestSite
@@ -371,7 +372,7 @@ def build_node(
     metrics = Metrics()
     pool = add_redis(node, settings, reactor, metrics)
 
-    keys = StreamKeys(settings.stream_prefix)
+    keys = StreamKeys(settings.stream_prefix, layout=settings.layout)
     writer = StreamWriter(
         pool,
         keys,
@@ -389,9 +390,12 @@ def build_node(
 
     if settings.insecure_dev_mode:
         log.warn("INSECURE DEV MODE: requests without an API key are accepted (key id 'dev')")
+    if ingest_fd is None:  # a --workers supervisor logs it once, never each worker
+        log_go_env(settings)
     app = IngestApp(
         validator=EventValidator(
-            ValidationPolicy(settings.future_skew, settings.allow_unknown_fields), now=reactor.seconds
+            ValidationPolicy(settings.future_skew, settings.unknown_fields, settings.layout == "seed"),
+            now=reactor.seconds,
         ),
         writer=writer,
         authenticator=Authenticator(settings.api_keys, settings.revoked_keys, settings.insecure_dev_mode),

@@ -54,6 +54,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from payflux.config import Settings
+from payflux.goenv import log_go_env
 from payflux.ingest.side import WorkersSideApp
 from payflux.node import Node, RedisPool, _listener, add_background, add_redis
 from payflux.observability.metrics import Metrics, SupervisorMetrics, WorkerTotals
@@ -343,10 +344,11 @@ class _StopSignal(Service):
 
 def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, log_format: str = "text") -> Node:
     """The supervisor's services (see the module docstring); ``settings.workers`` > 1."""
+    log_go_env(settings)  # once here, not in each worker (build_node skips it with ingest_fd)
     node = Node()
     metrics = Metrics()
     pool = add_redis(node, settings, reactor, metrics)
-    keys = StreamKeys(settings.stream_prefix)
+    keys = StreamKeys(settings.stream_prefix, layout=settings.layout)
 
     def ping() -> Deferred:
         return pool.execute_command("PING").addTimeout(settings.redis_timeout, reactor)

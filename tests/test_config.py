@@ -106,6 +106,21 @@ class ErrorTests(SynchronousTestCase):
         self.assertConfigError("listen", {"listen": "bogus:1"}, contains="endpoint")
         self.assertConfigError("roles", {"roles": "ingest,dance"}, contains="accepted: ingest")
         self.assertConfigError("allow_unknown_fields", {"allow_unknown_fields": "maybe"}, contains="true or false")
+        self.assertConfigError("unknown_fields", {"unknown_fields": "ignore"}, contains="drop, reject")
+        self.assertConfigError("layout", {"layout": "go"}, contains="payflux, seed")
+        self.assertConfigError("partitions", {"layout": "seed", "partitions": "4"}, contains="partitions = 1")
+        self.assertConfigError("layout", {"layout": "seed", "redis_url": "redis+cluster://127.0.0.1:7000"},
+                               contains="single Redis or Sentinel")
+
+    def test_unknown_fields_and_its_deprecated_spelling(self):
+        def policy(**cli):
+            return load_settings({"api_keys": KEYS, **cli}, env={}).unknown_fields
+
+        self.assertEqual(policy(), "drop")
+        self.assertEqual(policy(allow_unknown_fields="false"), "reject")
+        self.assertEqual(policy(allow_unknown_fields="true"), "drop")
+        self.assertEqual(policy(allow_unknown_fields="false", unknown_fields="drop"), "drop")
+        self.assertEqual(policy(unknown_fields="REJECT"), "reject")
         self.assertConfigError("stream_prefix", {"stream_prefix": "a{b}"}, contains="braces")
 
     def test_toml_types_are_checked(self):

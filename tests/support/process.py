@@ -4,13 +4,20 @@ import os
 import signal
 import sys
 
+from payflux.goenv import GO_ONLY, MAPPED
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 PAYFLUX = [sys.executable, "-m", "payflux.cli"]
 
 
+#: The Go PayFlux's variables a node also reads (payflux/goenv.py): a runner that happens to set
+#: one (REDIS_ADDR, HTTP_ADDR...) must not reach the nodes tests start.
+GO_VARIABLES = frozenset(MAPPED + GO_ONLY)
+
+
 def clean_env(**extra: str) -> dict:
-    """The test runner's environment without any PAYFLUX_* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_")}
+    """The test runner's environment without any PAYFLUX_* or Go PayFlux setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_") and k not in GO_VARIABLES}
     env.update(extra)
     return env
 
