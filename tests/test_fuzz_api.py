@@ -6,7 +6,7 @@ serving), a fixed seed and a bounded number of examples per operation.
 Asserted: no 5xx; every response conforms to the document (status code, content type, headers,
 JSON body schema); unauthenticated requests are refused; schema-invalid requests get a 4xx
 (``positive_data_acceptance`` is left out on purpose: a schema-valid event may still be refused
-with 422 -- occurred_at too far ahead, a Luhn-valid digit run -- as the document says in
+with 422 -- event_timestamp too far ahead, a Luhn-valid digit run -- as the document says in
 words); and no write for any rejected
 request: the stream grows by exactly the number of new (non-duplicate) events the node
 acknowledged with a 202, read from the run's HAR report.

@@ -245,6 +245,8 @@ class HostileMixin:
             response, seconds, _ = yield self.raw(data)
             slowest = max(slowest, seconds)
             self.assertEqual(_status(response), status, (name, response[:200]))
+            phrase = {431: b"Request Header Fields Too Large", 414: b"Request-URI Too Long"}[status]
+            self.assertTrue(response.startswith(b"HTTP/1.1 %d %s\r\n" % (status, phrase)), response[:80])
             self.assertEqual(_json_body(response)["error"], code, name)
             self.assertIn(b"Connection: close", response)
             self.assertLess(seconds, 3.0, name)

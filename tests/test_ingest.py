@@ -19,6 +19,8 @@ from tests.support.redis import redis_test_cases
 SINGLE = "/v1/events/payment_exhaust"
 BATCH = "/v1/events/payment_exhaust/batch"
 STREAM = "payflux:{0}:events"
+with open(__file__.rsplit("/", 1)[0] + "/fixtures/seed-example.json", "rb") as _f:
+    SEED_EXAMPLE_BYTES = _f.read()
 
 
 def _ndjson(events) -> str:
@@ -53,6 +55,70 @@ class IngestMixin:
 
     def xlen(self) -> int:
         return self.redis.sync_command("XLEN", STREAM)
+
+    def stored(self) -> list[dict]:
+        """The ``data`` of every entry of partition 0, decoded."""
+        entries = self.redis.sync_command("XRANGE", STREAM, "-", "+")
+        return [json.loads(dict(zip(f[::2], f[1::2]))[b"data"]) for _, f in entries]
+
+    # --- the seed's contract ---
+
+    @inlineCallbacks
+    def test_seed_example_verbatim_single_batch_and_again(self):
+        node = yield self.node()
+        response = yield node.post(SINGLE, SEED_EXAMPLE_BYTES)  # the fixture's bytes, unchanged
+        self.assertEqual((response.code, response.phrase), (202, b"Accepted"))
+        first = yield read_json(response)
+        self.assertEqual((first["duplicate"], "ignored_fields" in first), (False, False))
+        response = yield node.post(SINGLE, SEED_EXAMPLE_BYTES)
+        again = yield read_json(response)
+        self.assertEqual((response.code, again["duplicate"], again["id"]), (202, True, first["id"]))
+        seed = json.loads(SEED_EXAMPLE_BYTES)
+        batch = [seed, {**seed, "event_id": "uuid-124"}]
+        response = yield node.post(BATCH, _ndjson(batch), "application/x-ndjson")
+        body = yield read_json(response)
+        self.assertEqual((response.code, body["accepted"], body["duplicates"]), (202, 1, 1))
+        response = yield node.post(BATCH, json.dumps(batch), "application/json")
+        self.assertEqual(((yield read_json(response))["duplicates"]), 2)
+        stored = self.stored()
+        self.assertEqual(len(stored), 2)
+        self.assertEqual(stored[0], {**seed, "event_timestamp": "2026-01-06T00:00:00.000Z"})
+
+    @inlineCallbacks
+    def test_unknown_fields_are_dropped_counted_and_listed(self):
+        node = yield self.node()
+        event = {**sample_event(), "amount_cents": 5000, "zz_note": "x", "a b": 1}
+        response = yield node.post(SINGLE, event)
+        self.assertEqual(response.code, 202)
+        body = yield read_json(response)
+        unsafe = f"<field #{list(event).index('a b') + 1}>"  # a key that is no identifier is not echoed
+        self.assertEqual(body["ignored_fields"], sorted([unsafe, "amount_cents", "zz_note"]))
+        self.assertNotIn("amount_cents", self.stored()[0])
+        response = yield node.post(BATCH, _ndjson([{**sample_event(1), "amount_cents": 1}, sample_event(2)]),
+                                   "application/x-ndjson")
+        self.assertEqual((yield read_json(response))["ignored_fields"], ["amount_cents"])
+        metrics = node.metrics.render().decode()
+        self.assertIn('payflux_events_ignored_fields_total{field="amount_cents"} 2.0', metrics)
+        self.assertIn('payflux_events_ignored_fields_total{field="zz_note"} 1.0', metrics)
+
+    @inlineCallbacks
+    def test_unknown_fields_reject(self):
+        node = yield self.node(unknown_fields="reject")
+        response = yield node.post(SINGLE, {**sample_event(), "amount_cents": 5000})
+        self.assertEqual(response.code, 422)
+        body = yield read_json(response)
+        self.assertEqual([(d["field"], d["code"]) for d in body["details"]], [("amount_cents", "unknown_field")])
+        self.assertEqual(self.redis.sync_command("DBSIZE"), 0)
+
+    @inlineCallbacks
+    def test_card_number_in_a_dropped_field_is_refused_and_not_stored(self):
+        node = yield self.node()
+        for form in ("4111.1111.1111.1111", "4111_1111_1111_1111", "4111:1111:1111:1111", "4111/1111/1111/1111"):
+            response = yield node.post(SINGLE, {**sample_event(), "note": f"card {form}"})
+            self.assertEqual(response.code, 422, form)
+            raw = yield response.content()
+            self.assertNotIn(b"4111", raw)
+        self.assertEqual(self.redis.sync_command("DBSIZE"), 0)
 
     # --- 202 ---
 
@@ -160,7 +226,7 @@ class IngestMixin:
         response = yield node.post(BATCH, _ndjson(events), "application/x-ndjson")
         self.assertEqual(response.code, 202)
         response = yield node.post(SINGLE, sample_event())
-        self.assertEqual(response.code, 429)
+        self.assertEqual((response.code, response.phrase), (429, b"Too Many Requests"))
         self.assertGreaterEqual(int(response.headers.getRawHeaders("Retry-After")[0]), 2)
         body = yield read_json(response)
         self.assertEqual(body["error"], "rate_limited")
@@ -219,7 +285,7 @@ class IngestMixin:
     @inlineCallbacks
     def test_422_lists_every_bad_field(self):
         node = yield self.node()
-        event = {**sample_event(), "retry_count": True, "currency": "usd"}
+        event = {**sample_event(), "retry_count": True, "currency": "u$d"}
         del event["processor"]
         response = yield node.post(SINGLE, event)
         self.assertEqual(response.code, 422)
@@ -232,11 +298,12 @@ class IngestMixin:
     def test_422_batch_with_one_bad_line_writes_nothing(self):
         node = yield self.node()
         events = [sample_event(n) for n in range(4)]
-        events[2]["occurred_at"] = "yesterday"
+        events[2]["event_timestamp"] = "yesterday"
         response = yield node.post(BATCH, _ndjson(events), "application/x-ndjson")
         self.assertEqual(response.code, 422)
+        self.assertEqual(response.phrase, b"Unprocessable Entity")
         body = yield read_json(response)
-        self.assertEqual([(d["line"], d["field"]) for d in body["details"]], [(3, "occurred_at")])
+        self.assertEqual([(d["line"], d["field"]) for d in body["details"]], [(3, "event_timestamp")])
         self.assertEqual(self.xlen(), 0)
         self.assertEqual(self.redis.sync_command("DBSIZE"), 0)
 

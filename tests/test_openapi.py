@@ -7,7 +7,7 @@ import re
 from twisted.trial.unittest import SynchronousTestCase
 
 from payflux.cli import sample_event
-from payflux.events import FIELDS, EventInvalid, EventValidator, ValidationPolicy
+from payflux.events import ALIASES, FIELDS, EventInvalid, EventValidator, ValidationPolicy
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.openapi import EVENT_SCHEMA, openapi_document
 
@@ -16,7 +16,9 @@ LIMITS = IngestLimits(65536, 1 << 20, 1000, 50000, 2.0)
 
 class OpenApiTests(SynchronousTestCase):
     def test_event_schema_matches_the_validator(self):
-        self.assertEqual(list(EVENT_SCHEMA["properties"]), list(FIELDS))
+        self.assertEqual(list(EVENT_SCHEMA["properties"]), list(FIELDS) + list(ALIASES))
+        for alias in ALIASES:
+            self.assertTrue(EVENT_SCHEMA["properties"][alias]["deprecated"])
         validator = EventValidator(ValidationPolicy())
         event = sample_event()
         # every required field in the document is required by the validator, and no other
@@ -38,11 +40,26 @@ class OpenApiTests(SynchronousTestCase):
 
     def test_patterns_reject_what_the_validator_rejects(self):
         validator = EventValidator(ValidationPolicy())
-        for name, bad in [("currency", "usd"), ("processor", "Stripe"), ("merchant_id_hash", "short"),
-                          ("event_id", "has space"), ("geo_bucket", "x" * 33)]:
+        for name, bad in [("currency", "US"), ("processor", "str ipe"), ("merchant_id_hash", "a b"),
+                          ("event_id", "has space"), ("geo_bucket", "x" * 33), ("channel", "a@b")]:
             self.assertIsNone(re.match(EVENT_SCHEMA["properties"][name]["pattern"], bad), name)
             with self.assertRaises(EventInvalid):
                 validator.validate({**sample_event(), name: bad})
+
+    def test_patterns_accept_what_the_validator_folds_or_treats_as_absent(self):
+        validator = EventValidator(ValidationPolicy())
+        for name, value in [("currency", "usd"), ("processor", "Stripe"), ("channel", "")]:
+            self.assertIsNotNone(re.match(EVENT_SCHEMA["properties"][name]["pattern"], value), name)
+            validator.validate({**sample_event(), name: value})
+
+    def test_example_is_the_seed_example_and_valid(self):
+        from tests.test_events import SEED_EXAMPLE
+
+        example = EVENT_SCHEMA["example"]
+        self.assertEqual(list(example), list(SEED_EXAMPLE))
+        self.assertEqual({k: v for k, v in example.items() if k != "event_id"},
+                         {k: v for k, v in SEED_EXAMPLE.items() if k != "event_id"})
+        EventValidator(ValidationPolicy()).validate(example)
 
     def test_document_lists_every_route_and_status(self):
         doc = openapi_document(LIMITS)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from http import HTTPStatus
 from typing import Callable
 
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -31,6 +33,11 @@ from payflux.observability.metrics import Metrics
 from payflux.streams.writer import IdempotencyConflict, PreparedEvent, RedisUnavailable, StreamWriter
 
 log = Logger()
+
+# twisted.web has no reason phrase for these and would send "Unknown Status".
+for _status in (HTTPStatus.UNPROCESSABLE_ENTITY, HTTPStatus.TOO_MANY_REQUESTS,
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE):
+    http.RESPONSES.setdefault(_status.value, _status.phrase.encode("ascii"))
 
 SINGLE_PATH = b"/v1/events/payment_exhaust"
 BATCH_PATH = b"/v1/events/payment_exhaust/batch"
@@ -195,12 +202,12 @@ class IngestApp:
             raw = self._decode(request, batch)
             events = len(raw)
             self.limiter.spend(key_id, events)
-            prepared = self._validate(raw, batch)
+            prepared, ignored = self._validate(raw, batch)
         except ApiError as error:
             self._count_rejection(error, key_id, events)
             self._observe(endpoint, error.status, started)
             raise
-        return ensureDeferred(self._append(request, key_id, prepared, batch, endpoint, started))
+        return ensureDeferred(self._append(request, key_id, prepared, ignored, batch, endpoint, started))
 
     def _decode(self, request: Request, batch: bool) -> list:
         media = _media_type(request)
@@ -236,8 +243,9 @@ class IngestApp:
         except MalformedJSON as e:
             raise ApiError(400, "malformed_json", str(e)) from None
 
-    def _validate(self, items: list, batch: bool) -> list[PreparedEvent]:
-        rows, invalid = self.validator.validate_batch(items)
+    def _validate(self, items: list, batch: bool) -> tuple[list[PreparedEvent], list[str]]:
+        """The prepared events and the labels of the unknown fields dropped from them."""
+        rows, invalid, ignored = self.validator.validate_batch(items)
         if invalid:
             details = [{"line": n, **d} if batch else d for n, event_details in invalid for d in event_details]
             message = f"{len(invalid)} of {len(items)} events are invalid; nothing was written" if batch else "invalid event"
@@ -245,9 +253,9 @@ class IngestApp:
         return [
             PreparedEvent(event_id=e, merchant_id_hash=m, event_type=t, canonical=c, fingerprint=f)
             for e, m, t, c, f in rows
-        ]
+        ], ignored
 
-    async def _append(self, request, key_id, prepared, batch, endpoint, started) -> bytes:
+    async def _append(self, request, key_id, prepared, ignored, batch, endpoint, started) -> bytes:
         count = len(prepared)
         if self.inflight_events + count > self.limits.max_inflight_events:
             error = unavailable("overloaded", "too many events in flight to Redis; retry shortly", 1)
@@ -297,6 +305,8 @@ class IngestApp:
         if duplicates:
             self.metrics.events_duplicate.labels(key_id).inc(duplicates)
         self._observe(endpoint, 202, started)
+        if ignored:
+            self.metrics.count_ignored(ignored)
         if batch:
             doc = {
                 "status": "accepted",
@@ -307,6 +317,8 @@ class IngestApp:
             }
         else:
             doc = {"status": "accepted", "id": results[0].stream_id, "duplicate": results[0].duplicate}
+        if ignored:
+            doc["ignored_fields"] = sorted(set(ignored))
         return json_response(request, 202, doc)
 
     def _count_rejection(self, error: ApiError, key_id: str, events: int) -> None:

@@ -9,9 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from payflux.events import FIELDS, INT_FIELDS, SCHEMA_VERSION, STRING_FIELDS
+from payflux.events import ALIASES, CASE_FOLDED, FIELDS, INT_FIELDS, REQUIRED, SCHEMA_VERSION, STRING_FIELDS
 
-REQUIRED = ("event_id", "event_type", "occurred_at", "processor", "merchant_id_hash", "payment_intent_id_hash")
+# The seed's example event with a real UUID (docs/sample-event.json holds the same).
+EXAMPLE_EVENT = {
+    "event_type": "payment_failed",
+    "event_timestamp": "2026-01-06T00:00:00Z",
+    "event_id": "5b0c2f9e-3a4d-4e7b-9c1a-2f6d8e0b7a41",
+    "merchant_id_hash": "abc123",
+    "payment_intent_id_hash": "xyz456",
+    "processor": "stripe",
+    "failure_category": "processor_timeout",
+    "retry_count": 0,
+    "geo_bucket": "US",
+    "amount_bucket": "50-200",
+    "system_source": "checkout_api",
+    "payment_method_bucket": "credit_card",
+    "channel": "web",
+    "retry_result": "failed",
+    "failure_origin": "processor",
+}
 
 
 def _event_schema() -> dict[str, Any]:
@@ -20,13 +37,15 @@ def _event_schema() -> dict[str, Any]:
     for name in FIELDS:
         if name in STRING_FIELDS:
             _, regex, _, rule = STRING_FIELDS[name]
+            if name in CASE_FOLDED:  # the pattern is checked after folding; any case is accepted
+                regex = regex.replace("a-z", "A-Za-z").replace("[A-Z]", "[A-Za-z]")
             prop = {"type": "string", "pattern": f"^{regex}$", "description": rule}
         elif name in INT_FIELDS:
             low, high = INT_FIELDS[name]
             prop = {"type": "integer", "minimum": low, "maximum": high}
             if name == "retry_count":
                 prop["default"] = 0
-        else:  # occurred_at
+        else:  # event_timestamp
             prop = {
                 "type": "string",
                 "format": "date-time",
@@ -35,35 +54,27 @@ def _event_schema() -> dict[str, Any]:
             }
         if name not in REQUIRED:
             prop["nullable"] = True
+            if "pattern" in prop:  # "" means absent, as in the Go PayFlux
+                prop["pattern"] = f"^(?:|{prop['pattern'][1:-1]})$"
         properties[name] = prop
-    properties["event_id"]["description"] = "Idempotency key."
+    for alias, name in ALIASES.items():
+        properties[alias] = {**properties[name], "deprecated": True,
+                             "description": f"Deprecated name of {name} (stored as {name})."}
+    properties["event_id"]["description"] = "Idempotency key, e.g. a UUID."
     return {
         "type": "object",
-        "additionalProperties": False,
+        "additionalProperties": True,
         "required": list(REQUIRED),
         "description": (
-            f"A payment_exhaust event (schema version {SCHEMA_VERSION}). Hashes and buckets only: any string "
-            "holding a 13-19 digit run that passes the Luhn check is rejected (pan_detected). Optional "
-            "fields sent as null count as absent. Unknown fields are rejected unless the node runs with "
-            "allow_unknown_fields (then dropped)."
+            f"A payment_exhaust event (schema version {SCHEMA_VERSION}): the Go PayFlux seed's event "
+            "with its 15 field names, plus optional customer_id_hash, currency, failure_code and "
+            "processor_latency_ms. Hashes and buckets only: any string holding a card number is "
+            "rejected (pan_detected; see docs/events.md). Optional fields sent as null or \"\" count "
+            "as absent. Unknown fields are accepted, never stored, and listed in ignored_fields "
+            "(unknown_fields = \"reject\" answers 422 instead)."
         ),
         "properties": properties,
-        "example": {
-            "event_id": "evt_3Xk9tQ2mR7vLp0aZ",
-            "event_type": "payment_failed",
-            "occurred_at": "2026-11-25T09:14:03.120Z",
-            "processor": "stripe",
-            "merchant_id_hash": "m_0042_5f2b9c1e",
-            "payment_intent_id_hash": "Vb3kQ9xLrT2mN8pZ",
-            "amount_bucket": "10-50",
-            "currency": "USD",
-            "payment_method": "card",
-            "geo_bucket": "US",
-            "failure_category": "insufficient_funds",
-            "failure_code": "card_declined",
-            "retry_count": 0,
-            "processor_latency_ms": 230,
-        },
+        "example": EXAMPLE_EVENT,
     }
 
 
@@ -115,6 +126,13 @@ def _ingest_errors() -> dict:
     }
 
 
+IGNORED_FIELDS = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "Unknown fields that were dropped (not stored); absent when there were none.",
+}
+
+
 def openapi_document(limits) -> dict:
     single_ok = {
         "type": "object",
@@ -123,6 +141,7 @@ def openapi_document(limits) -> dict:
             "status": {"type": "string", "enum": ["accepted"]},
             "id": {"type": "string", "description": "Redis stream entry id."},
             "duplicate": {"type": "boolean"},
+            "ignored_fields": IGNORED_FIELDS,
         },
     }
     batch_result = {
@@ -142,6 +161,7 @@ def openapi_document(limits) -> dict:
             "accepted": {"type": "integer"},
             "duplicates": {"type": "integer"},
             "results": {"type": "array", "items": {"$ref": "#/components/schemas/BatchResult"}},
+            "ignored_fields": IGNORED_FIELDS,
         },
     }
     status_doc = {"type": "object", "properties": {"status": {"type": "string"}, "message": {"type": "string"}}}

@@ -16,6 +16,9 @@ from payflux.exporters.metrics import ExporterMetrics
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+IGNORED_FIELD_LABELS = 64
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -42,6 +45,14 @@ class Metrics:
             ["reason", "key_id"],
             registry=r,
         )
+        self.ignored_fields = Counter(
+            "payflux_events_ignored_fields",
+            "Unknown event fields dropped at ingest (accepted, never stored), by field name; "
+            f"at most {IGNORED_FIELD_LABELS} names, then <other>.",
+            ["field"],
+            registry=r,
+        )
+        self._ignored_labels: set[str] = set()
         self.request_latency = Histogram(
             "payflux_request_duration_seconds",
             "Time from a request's arrival in the app to its response.",
@@ -68,6 +79,17 @@ class Metrics:
         self.draining = Gauge("payflux_draining", "1 while the node drains for shutdown.", registry=r)
         self.consumers = ConsumerMetrics(r)
         self.exporters = ExporterMetrics(r)
+
+    def count_ignored(self, labels: list[str]) -> None:
+        """Count dropped unknown fields; label cardinality stays bounded (``<other>``)."""
+        known = self._ignored_labels
+        for label in labels:
+            if label not in known:
+                if len(known) >= IGNORED_FIELD_LABELS:
+                    label = "<other>"
+                else:
+                    known.add(label)
+            self.ignored_fields.labels(label).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
