@@ -36,9 +36,16 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertUnauthorized(auth, b"Bearer old-secret-0123456789", contains="revoked")
         self.assertUnauthorized(auth, b"Bearer new-secret-0123456789", {b"api_key": [b"x"]}, contains="query")
 
-    def test_dev_mode_accepts_missing_key_but_not_a_wrong_one(self):
+    def test_dev_mode_without_keys_accepts_any_caller(self):
         auth = Authenticator([], dev_mode=True)
         self.assertEqual(auth.authenticate(None), "dev")
+        self.assertEqual(auth.authenticate(b"Bearer any-key-the-producer-has"), "dev")
+        self.assertUnauthorized(auth, b"Bearer x", {b"api_key": [b"x"]}, contains="query")
+
+    def test_dev_mode_with_keys_accepts_missing_key_but_not_a_wrong_one(self):
+        auth = Authenticator([ApiKey("a", b"right-secret-0123456789")], dev_mode=True)
+        self.assertEqual(auth.authenticate(None), "dev")
+        self.assertEqual(auth.authenticate(b"Bearer right-secret-0123456789"), "a")
         self.assertUnauthorized(auth, b"Bearer wrong-secret-0123456789", contains="unknown")
 
     def test_every_key_is_compared(self):
@@ -235,8 +242,10 @@ class NodeSecretsTests(SynchronousTestCase):
                 request("/v1/events/payment_exhaust" + query, ev, {**js, "Authorization": f"Bearer {good}"}), 401)
         auth = {**js, "Authorization": f"Bearer {good}"}
         self.assertEqual(request("/v1/events/payment_exhaust", b'{"event_id": "' + good.encode(), auth), 400)
-        unknown_field = json.dumps({**sample_event(), "x": good}).encode()
-        self.assertEqual(request("/v1/events/payment_exhaust", unknown_field, auth), 422)
+        unknown_field = json.dumps({**sample_event(), "x": good}).encode()  # dropped, never stored
+        self.assertEqual(request("/v1/events/payment_exhaust", unknown_field, auth), 202)
+        bad_value = json.dumps({**sample_event(), "channel": good + "@"}).encode()
+        self.assertEqual(request("/v1/events/payment_exhaust", bad_value, auth), 422)
         self.assertEqual(request("/v1/events/payment_exhaust", b"x" * 5000, auth), 413)
         self.assertEqual(request(f"/v1/{good}?q={other}", ev, auth), 404)
         unfinished = f"POST / HTTP/1.1\r\nAuthorization: Bearer {good}".encode()
