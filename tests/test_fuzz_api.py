@@ -71,6 +71,8 @@ class DocumentedExampleTests(SynchronousTestCase):
 
 
 class FuzzApiMixin:
+    timeout = 240  # trial's default is 120 s; schemathesis alone is bounded at 150 s below
+
     @inlineCallbacks
     def test_schemathesis_finds_no_5xx_no_spec_violation_and_no_write_on_rejection(self):
         binary = _schemathesis()
@@ -100,7 +102,7 @@ class FuzzApiMixin:
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
         # coreutils timeout bounds the run even if schemathesis misbehaves (exit 124)
         out, err, code = yield getProcessOutputAndValue(
-            shutil.which("timeout") or "/usr/bin/timeout", ["50", binary, *args], env=env, reactor=reactor, path=report
+            shutil.which("timeout") or "/usr/bin/timeout", ["150", binary, *args], env=env, reactor=reactor, path=report
         )
         text = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, text[-6000:])

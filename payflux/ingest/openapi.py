@@ -11,6 +11,10 @@ from typing import Any
 
 from payflux.events import ALIASES, CASE_FOLDED, FIELDS, INT_FIELDS, REQUIRED, SCHEMA_VERSION, STRING_FIELDS
 
+# RFC 3339 with offset, the shape payflux.events checks (it also checks the calendar and range).
+TIMESTAMP_PATTERN = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+
 # The seed's example event with a real UUID (docs/sample-event.json holds the same).
 EXAMPLE_EVENT = {
     "event_type": "payment_failed",
@@ -58,8 +62,11 @@ def _event_schema() -> dict[str, Any]:
                 prop["pattern"] = f"^(?:|{prop['pattern'][1:-1]})$"
         properties[name] = prop
     for alias, name in ALIASES.items():
-        properties[alias] = {**properties[name], "deprecated": True,
-                             "description": f"Deprecated name of {name} (stored as {name})."}
+        prop = {**properties[name], "nullable": True, "deprecated": True,
+                "description": f"Deprecated name of {name} (stored as {name}); null or \"\" = absent."}
+        if prop.pop("format", None) == "date-time":  # optional here, so "" must pass too
+            prop["pattern"] = f"^(?:|{TIMESTAMP_PATTERN})$"
+        properties[alias] = prop
     properties["event_id"]["description"] = "Idempotency key, e.g. a UUID."
     return {
         "type": "object",
