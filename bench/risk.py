@@ -13,8 +13,9 @@ Risk consumer benchmark: detector throughput and time-to-alert (docs/risk.md, "P
    start to the failure_rate_spike alert on that processor, over ``--seeds`` seeds.
 
 Traffic (1-3): 3 processors (60/30/10% of events), 10,000 merchants (Zipf-like), 5 geos,
-4 failure categories, 5% failures, 3% retries, received_at advancing at ``--rate`` events/s
-of stream time.
+4 failure categories and 3 failure origins, 5% failures, 3% retries (with their
+``retry_result``), received_at advancing at ``--rate`` events/s of stream time.  Events have
+the stored shape of the seed's schema (docs/events.md; optional fields absent).
 
 Usage: python bench/risk.py [--events 1000000] [--rate 5000] [--batch 500] [--rounds 3]
                             [--runtime-events 200000] [--seeds 20]
@@ -49,6 +50,7 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 PROCESSORS = (("stripe", 0.6), ("adyen", 0.3), ("checkout", 0.1))
 GEOS = ("US", "EU-west", "GB", "BR", "IN")
 CATEGORIES = ("insufficient_funds", "do_not_honor", "timeout", "fraud_suspected")
+ORIGINS = ("issuer", "processor", "network")
 KEYS = StreamKeys("payflux")
 
 
@@ -67,11 +69,16 @@ def traffic(n: int, rate: int, seed: int = 1) -> list[tuple[int, dict]]:
         intent = recent.pop() if retry else f"pi_{i:012d}"
         ev = {
             "event_id": f"evt_{i:012d}", "event_type": "payment_failed" if failed else "payment_succeeded",
-            "occurred_at": "2026-01-01T00:00:00.000Z", "processor": procs[i], "merchant_id_hash": mers[i],
+            "event_timestamp": "2026-01-01T00:00:00.000Z", "processor": procs[i], "merchant_id_hash": mers[i],
             "payment_intent_id_hash": intent, "geo_bucket": rng.choice(GEOS), "retry_count": 1 if retry else 0,
+            "amount_bucket": "50-200", "system_source": "checkout_api", "payment_method_bucket": "credit_card",
+            "channel": "web",
         }
+        if retry:
+            ev["retry_result"] = "failed" if failed else "success"
         if failed:
             ev["failure_category"] = rng.choice(CATEGORIES)
+            ev["failure_origin"] = ORIGINS[i % 3]
             if len(recent) < 100:
                 recent.append(intent)
         out.append((T0 + i * 1000 // rate, ev))
@@ -194,7 +201,8 @@ def time_to_alert(seed: int) -> float | None:
                 e.observe({"processor": p, "merchant_id_hash": f"mer_{rng.randrange(2000):06d}",
                            "geo_bucket": GEOS[n % 5], "payment_intent_id_hash": f"pi_{n:012d}",
                            "event_type": "payment_failed" if failed else "payment_succeeded",
-                           **({"failure_category": CATEGORIES[n % 4]} if failed else {})}, t)
+                           **({"failure_category": CATEGORIES[n % 4], "failure_origin": ORIGINS[n % 3]}
+                              if failed else {})}, t)
         for tr in e.take():
             if tr.action == OPEN and tr.alert.type == FAILURE_RATE_SPIKE and tr.alert.key_text == "processor=stripe":
                 return (tr.at_ms - spike_at) / 1000

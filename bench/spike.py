@@ -41,20 +41,28 @@ BATCH = 50  # events per request
 
 
 def _event(n: int, run: str) -> bytes:
+    """A seed-shaped event (docs/events.md): the seed's 15 fields (failure fields only on
+    failures) plus currency."""
     failed = n % 10 == 0
-    return json.dumps({
-        "event_id": f"sp_{run}_{n}",
+    event = {
         "event_type": "payment_failed" if failed else "payment_succeeded",
-        "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "processor": ("stripe", "adyen", "braintree", "checkout")[n % 4],
+        "event_timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "event_id": f"sp_{run}_{n}",
         "merchant_id_hash": f"m_{n % 97:04d}_Q2xvdWRz",
         "payment_intent_id_hash": f"pi_{run}_{n}_aB",
-        "currency": "USD",
-        "amount_bucket": "10-50",
-        "geo_bucket": "US",
-        "failure_category": "insufficient_funds" if failed else None,
+        "processor": ("stripe", "adyen", "braintree", "checkout")[n % 4],
         "retry_count": n % 3,
-    }).encode()
+        "geo_bucket": "US",
+        "amount_bucket": "10-50",
+        "system_source": "checkout_api",
+        "payment_method_bucket": "credit_card",
+        "channel": "web",
+        "retry_result": "failed" if failed else "success",
+        "currency": "USD",
+    }
+    if failed:
+        event.update(failure_category="insufficient_funds", failure_origin="issuer")
+    return json.dumps(event).encode()
 
 
 class Load:

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from payflux.risk.alerts import (
     CONSUMER_STOPPED, ESCALATE, EVICTED, FAILURE_CLUSTER, FAILURE_RATE_SPIKE, INSUFFICIENT_VOLUME, OPEN,
-    RECOVERED, RESOLVE, RETRY_STORM, Transition,
+    RECOVERED, RESOLVE, RETRY_STORM, Transition, key_text,
 )
 from payflux.risk.config import parse_options
 from payflux.risk.engine import RiskEngine
@@ -21,6 +21,7 @@ from payflux.risk.windows import KeyTable, wilson_lower
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, in ms
 GEOS = ("US", "EU-west", "GB", "BR", "IN")
 CATEGORIES = ("insufficient_funds", "do_not_honor", "timeout", "fraud_suspected")
+ORIGINS = {"issuer": 6.0, "processor": 3.0, "network": 1.0}  # failure_origin weights of a failure
 
 
 def engine(**options: Any) -> RiskEngine:
@@ -33,19 +34,27 @@ class Traffic:
 
     Per processor: ``rates`` events/s (spread evenly over the second), failure probability
     ``fail``, retry share ``retry``.  Failures get a category and every event a geo from the
-    weights (uniform unless set).  ``noise`` jitters each second's rate and probabilities by up
+    weights (uniform unless set), and failures a ``failure_origin`` (``origins`` weights, drawn
+    independently of the category).  ``noise`` jitters each second's rate and probabilities by up
     to that fraction.  Merchants follow a heavy-tailed (Zipf-like) popularity so some of them
-    have enough volume to be judged.  Normal retries reuse a recent failed intent (2-3 attempts).
+    have enough volume to be judged.  Normal retries reuse a recent failed intent (2-3 attempts)
+    and carry ``retry_result`` ("failed" or "success"); a retry fails with the processor's
+    ``retry_fail`` probability if set, else like any event.  Events are shaped as the stored
+    ``data`` of the seed's schema (optional fields absent).  Origins and ``retry_fail`` draw from
+    a second RNG, so the main one's sequence is that of traffic without them.
     """
 
     def __init__(self, seed: int = 1, rates: dict[str, int] | None = None, merchants: int = 200) -> None:
         self.rng = random.Random(seed)
+        self.rng2 = random.Random(seed + 1_000_003)
         self.rates = dict(rates or {"stripe": 1000})
         self.fail = {p: 0.05 for p in self.rates}
         self.retry = {p: 0.03 for p in self.rates}
         self.categories: dict[str, dict[str, float]] = {p: {c: 1.0 for c in CATEGORIES} for p in self.rates}
         self.geos: dict[str, dict[str, float]] = {p: {g: 1.0 for g in GEOS} for p in self.rates}
         self.geo_fail: dict[str, float] = {}  # geo -> failure probability, on every processor
+        self.retry_fail: dict[str, float] = {}  # processor -> failure probability of its retries
+        self.origins: dict[str, dict[str, float]] = {p: dict(ORIGINS) for p in self.rates}
         weights = [1.0 / (i + 1) for i in range(merchants)]
         self.merchants = [f"mer_{i:06d}" for i in range(merchants)]
         self.merchant_weights = weights
@@ -69,23 +78,31 @@ class Traffic:
                 merchants = rng.choices(self.merchants, self.merchant_weights, k=n)
                 cats = rng.choices(list(self.categories[p]), list(self.categories[p].values()), k=n)
                 geos = rng.choices(list(self.geos[p]), list(self.geos[p].values()), k=n)
+                origins = self.rng2.choices(list(self.origins[p]), list(self.origins[p].values()), k=n)
+                retry_fail = self.retry_fail.get(p)
                 step = 1000 / n
                 for j in range(n):
                     self.count += 1
                     failed = rng.random() < self.geo_fail.get(geos[j], fail)
                     is_retry = rng.random() < retry
+                    if is_retry and retry_fail is not None:
+                        failed = self.rng2.random() < retry_fail
                     if is_retry and self.recent_failed:
                         intent, attempts = self.recent_failed.pop(0)
                     else:
                         intent, attempts = f"pi_{self.count:010d}", 1
                     ev = {
+                        "event_type": "payment_failed" if failed else "payment_succeeded",
+                        "event_timestamp": "2026-01-01T00:00:00.000Z", "event_id": f"evt_{self.count:010d}",
                         "processor": p, "merchant_id_hash": merchants[j], "geo_bucket": geos[j],
                         "payment_intent_id_hash": intent,
-                        "event_type": "payment_failed" if failed else "payment_succeeded",
                         "retry_count": rng.randint(1, 2) if is_retry else 0,
                     }
+                    if is_retry:
+                        ev["retry_result"] = "failed" if failed else "success"
                     if failed:
                         ev["failure_category"] = cats[j]
+                        ev["failure_origin"] = origins[j]
                         if len(self.recent_failed) < 50 and attempts < 3:  # normal retries: 3 attempts at most
                             self.recent_failed.append((intent, attempts + 1))
                     e.observe(ev, self.t + int(j * step))
@@ -275,7 +292,7 @@ class RetryStormTests(unittest.TestCase):
         for i in range(15):  # a merchant's retry loop: 15 attempts in 15 s
             e.observe({"processor": "stripe", "merchant_id_hash": "mer_loop0001", "event_type": "payment_failed",
                        "payment_intent_id_hash": "pi_stormy000001", "failure_category": "do_not_honor",
-                       "retry_count": i}, traffic.t + 500)
+                       "failure_origin": "issuer", "retry_count": i, "retry_result": "failed"}, traffic.t + 500)
             got += traffic.run(e, 1)
         opened = of(got, OPEN, RETRY_STORM)
         self.assertEqual([tr.alert.key_text for tr in opened], ["payment_intent_id_hash=pi_stormy000001"])
@@ -295,15 +312,59 @@ class RetryStormTests(unittest.TestCase):
         e = engine()
         traffic = Traffic(seed=12, rates={"stripe": 600, "adyen": 300})
         self.assertEqual(traffic.run(e, 120), [])
+        # half of stripe's traffic becomes retries, and they fail again (retry_result "failed")
         traffic.retry["stripe"] = 0.5
+        traffic.retry_fail["stripe"] = 0.9
         got = traffic.run(e, 30)
         opened = of(got, OPEN, RETRY_STORM)
         self.assertEqual([tr.alert.key_text for tr in opened], ["processor=stripe"])
         n = opened[0].numbers
-        self.assertLess(abs(n["baseline_share"] - 0.03), 0.01)
+        # the baseline counts the retries that did not succeed: 3% retries x 5% failing
+        self.assertLess(n["baseline_share"], 0.01)
         self.assertGreaterEqual(n["lower_bound"], 0.2)  # min_share
         self.assertEqual(n["retry_share"], round(n["retries"] / n["events"], 6))
-        self.assertEqual(of(got, type=FAILURE_RATE_SPIKE), [])
+        # failing retries are failures too: stripe's failure rate spikes with them
+        self.assertEqual([tr.alert.key_text for tr in of(got, OPEN, FAILURE_RATE_SPIKE)], ["processor=stripe"])
+
+    def test_retries_that_succeed_are_not_a_storm(self):
+        def surge(**options: Any) -> list[Transition]:
+            e = engine(**options)
+            traffic = Traffic(seed=12, rates={"stripe": 600, "adyen": 300})
+            self.assertEqual(traffic.run(e, 120), [])
+            traffic.retry["stripe"] = 0.5
+            traffic.retry_fail["stripe"] = 0.0  # every retry says retry_result "success"
+            return traffic.run(e, 30)
+
+        self.assertEqual(surge(), [])  # nor a failure rate spike: the retries are successes
+        # without outcome_fields only the event type and retry_count count: the surge is a storm
+        self.assertEqual([tr.alert.key_text for tr in of(surge(outcome_fields=False), OPEN, RETRY_STORM)],
+                         ["processor=stripe"])
+
+    def test_an_intent_whose_retries_succeed_is_not_a_loop(self):
+        e = engine()
+        for j in range(15):
+            e.observe({"processor": "stripe", "event_type": "payment_retried", "retry_count": j + 1,
+                       "retry_result": "Succeeded", "payment_intent_id_hash": "pi_fine"}, T0 + j * 100)
+            e.observe({"processor": "stripe", "event_type": "payment_retried", "retry_count": j + 1,
+                       "retry_result": "DECLINED", "payment_intent_id_hash": "pi_loop"}, T0 + j * 100)
+        self.assertEqual([tr.alert.key_text for tr in of(e.take(), OPEN, RETRY_STORM)],
+                         ["payment_intent_id_hash=pi_loop"])
+        self.assertNotIn("pi_fine", e.retry_storm.intents.items)
+
+    def test_events_without_an_intent_are_never_one_intent(self):
+        e = engine()  # layout = "seed" stores an absent payment_intent_id_hash as ""
+        for j in range(30):
+            e.observe({"processor": "stripe", "event_type": "payment_retried", "retry_count": 1,
+                       "retry_result": "failed", "payment_intent_id_hash": "", "merchant_id_hash": "",
+                       "geo_bucket": "", "failure_origin": ""}, T0 + j * 10)
+            e.observe({"processor": "stripe", "event_type": "payment_failed"}, T0 + j * 10)
+        e.advance(T0 + 2000)
+        self.assertEqual(of(e.take(), OPEN), [])
+        self.assertEqual(len(e.retry_storm.intents), 0)
+        self.assertEqual(len(e.failure_rate.table("merchant_id_hash")), 0)
+        self.assertEqual(len(e.failure_rate.table("geo_bucket")), 0)
+        self.assertEqual([len(t) for _, t in e.failure_cluster.children], [0, 0, 0])
+        self.assertEqual(e.failures_by_origin, {"none": 60})
 
     def test_intent_alerts_are_capped(self):
         e = engine(retry_storm={"max_intent_alerts": 2})
@@ -351,6 +412,19 @@ class FailureClusterTests(unittest.TestCase):
                          ["processor=stripe,failure_category=processor_unavailable"])
         self.assertEqual(opened[0].numbers["baseline_share"], 0.0)
 
+    def test_one_failure_origin_suddenly_dominates(self):
+        e = engine()
+        traffic = Traffic(seed=22, rates={"stripe": 1000, "adyen": 500})
+        self.assertEqual(traffic.run(e, 120), [])
+        traffic.origins["stripe"] = {"network": 9.0, "issuer": 0.6, "processor": 0.3}  # was 10%, now ~91%
+        got = traffic.run(e, 40)
+        opened = of(got, OPEN, FAILURE_CLUSTER)
+        self.assertEqual([tr.alert.key_text for tr in opened], ["processor=stripe,failure_origin=network"])
+        n = opened[0].numbers
+        self.assertLess(abs(n["baseline_share"] - 0.1), 0.03)
+        self.assertEqual(of(got, type=FAILURE_RATE_SPIKE), [])
+        self.assertEqual(set(e.failures_by_origin), {"issuer", "processor", "network"})
+
     def test_normal_mix_changes_do_not_alert(self):
         e = engine()
         traffic = Traffic(seed=16)
@@ -360,6 +434,68 @@ class FailureClusterTests(unittest.TestCase):
         # the dominant category gets a bit more dominant (60% -> 75%): not "sudden domination"
         traffic.categories["stripe"]["insufficient_funds"] = 12.0
         self.assertEqual(of(traffic.run(e, 120), type=FAILURE_CLUSTER), [])
+
+
+class OutcomeTests(unittest.TestCase):
+    """What counts as a failure or a success (docs/risk.md, "What counts as a failure")."""
+
+    CASES = [  # (event fields, with outcome_fields, event types only)
+        ({"event_type": "payment_failed"}, "failed", "failed"),
+        ({"event_type": "charge.failed"}, "failed", "failed"),
+        ({"event_type": "payment_intent.payment_failed", "retry_result": "success"}, "failed", "failed"),
+        ({"event_type": "payment_succeeded"}, "succeeded", "succeeded"),
+        ({"event_type": "payment_intent.succeeded"}, "succeeded", "succeeded"),
+        ({"event_type": "payment_succeeded", "failure_category": "", "failure_origin": "", "retry_result": ""},
+         "succeeded", "succeeded"),                                  # layout = "seed": "" is absent
+        ({"event_type": "AUTHORISATION", "failure_category": "refused"}, "failed", None),
+        ({"event_type": "AUTHORISATION", "failure_origin": "issuer"}, "failed", None),
+        ({"event_type": "AUTHORISATION", "failure_code": "05"}, "failed", None),
+        ({"event_type": "AUTHORISATION", "retry_result": "Declined"}, "failed", None),
+        ({"event_type": "AUTHORISATION", "retry_result": "approved"}, "succeeded", None),
+        ({"event_type": "AUTHORISATION"}, None, None),              # no outcome either way: not counted
+        ({"event_type": "payment_retried", "retry_count": 1, "retry_result": "fail"}, "failed", None),
+        ({"event_type": "payment_retried", "retry_count": 1, "retry_result": "SUCCESS",
+          "failure_category": "processor_timeout", "failure_origin": "processor"}, "succeeded", None),
+        ({"event_type": "payment_retried", "retry_count": 1, "retry_result": "pending",
+          "failure_category": "processor_timeout"}, "failed", None),
+        ({"event_type": "payment_succeeded", "failure_origin": "network"}, "failed", "succeeded"),
+        ({"event_type": "payment_succeeded", "retry_result": "failure"}, "failed", "succeeded"),
+    ]
+
+    def outcome(self, event: dict, **options: Any) -> str | None:
+        e = engine(**options)
+        e.observe({"processor": "stripe", **event}, T0)
+        e.advance(T0 + 1000)
+        s = e.failure_rate.table("processor").items.get("stripe")
+        if s is None or not s.sum_n:
+            return None
+        return "failed" if s.sum_k else "succeeded"
+
+    def test_event_types_then_fields(self):
+        for event, expected, by_type in self.CASES:
+            self.assertEqual(self.outcome(event), expected, event)
+            self.assertEqual(self.outcome(event, outcome_fields=False), by_type, event)
+
+    def test_the_seed_example_is_a_failure_by_origin(self):
+        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "sample-event.json")) as f:
+            event = json.load(f)
+        e = engine()
+        e.observe(event, T0)
+        e.advance(T0 + 1000)
+        s = e.failure_rate.table("processor").items["stripe"]
+        self.assertEqual((s.sum_n, s.sum_k), (1, 1))
+        self.assertEqual(e.failures_by_origin, {"processor": 1})
+        e.observe({**event, "failure_origin": "Acquirer"}, T0 + 1000)
+        e.observe({**event, "failure_origin": "ISSUER"}, T0 + 1000)
+        self.assertEqual(e.failures_by_origin, {"processor": 1, "other": 1, "issuer": 1})
+
+    def test_configured_event_types(self):
+        options = {"failure_event_types": ["AUTHORISATION_FAILED"], "success_event_types": ["AUTHORISATION"]}
+        self.assertEqual(self.outcome({"event_type": "AUTHORISATION"}, **options), "succeeded")
+        self.assertEqual(self.outcome({"event_type": "AUTHORISATION", "failure_category": "refused"}, **options),
+                         "failed")
+        self.assertEqual(self.outcome({"event_type": "AUTHORISATION_FAILED"}, **options), "failed")
+        self.assertIsNone(self.outcome({"event_type": "payment_failed"}, **options))  # no longer listed
 
 
 class CardinalityTests(unittest.TestCase):
@@ -480,6 +616,13 @@ class AlertFormatTests(unittest.TestCase):
                                             "processor=stripe", tr.alert.severity, str(tr.at_ms)])
         self.assertEqual(json.loads(fields[-1]), record)
 
+    def test_key_values_are_escaped_in_the_key_text(self):
+        # label fields such as failure_category may hold "," and "=" (and "%"): the text stays unambiguous
+        key = (("processor", "stripe"), ("failure_category", "a=b, 100%"))
+        self.assertEqual(key_text(key), "processor=stripe,failure_category=a%3Db%2C 100%25")
+        self.assertEqual(key_text((("processor", "stripe"), ("geo_bucket", "EU-west"))),
+                         "processor=stripe,geo_bucket=EU-west")
+
 
 class OptionTests(unittest.TestCase):
     def assertOptionError(self, options: dict, text: str) -> None:
@@ -493,6 +636,16 @@ class OptionTests(unittest.TestCase):
         self.assertEqual(c.engine.failure_rate.rule.min_events, 100)
         self.assertEqual(c.engine.failure_rate.dimensions, ("processor", "merchant_id_hash", "geo_bucket"))
         self.assertEqual(c.engine.max_keys["merchant_id_hash"], 10_000)
+        self.assertEqual(c.engine.failure_cluster.dimensions, ("failure_category", "geo_bucket", "failure_origin"))
+        self.assertEqual(c.engine.max_keys["failure_origin"], 1000)
+        self.assertTrue(c.engine.outcome_fields)
+        self.assertEqual(c.engine.failure_event_types,
+                         {"payment_failed", "payment_intent.payment_failed", "charge.failed"})
+        self.assertEqual(c.engine.success_event_types,
+                         {"payment_succeeded", "payment_intent.succeeded", "charge.succeeded"})
+        # event types as processors name them
+        c = parse_options({"failure_event_types": ["AUTHORISATION_FAILED", "charge.failed"]})
+        self.assertEqual(c.engine.failure_event_types, {"AUTHORISATION_FAILED", "charge.failed"})
         self.assertEqual((c.alerts_stream, c.alerts_maxlen, c.webhook_url), (None, 10_000, None))
 
     def test_errors_name_the_option(self):
@@ -504,7 +657,9 @@ class OptionTests(unittest.TestCase):
                                "risk option failure_cluster.dimensions must be")
         self.assertOptionError({"min_events": 5}, "risk option min_events is not a known option")
         self.assertOptionError({"failure_rate": []}, "risk option failure_rate must be a table")
-        self.assertOptionError({"failure_event_types": ["Payment Failed"]}, "risk option failure_event_types")
+        self.assertOptionError({"failure_event_types": ["payment@failed"]}, "risk option failure_event_types")
+        self.assertOptionError({"failure_event_types": [""]}, "risk option failure_event_types")
+        self.assertOptionError({"outcome_fields": "yes"}, "risk option outcome_fields must be true or false")
         self.assertOptionError({"success_event_types": ["payment_failed"]}, "risk option success_event_types")
         self.assertOptionError({"webhook_url": "ftp://x"}, "risk option webhook_url must be")
         self.assertOptionError({"webhook_url": "https://hooks.example"}, "needs webhook_secret")

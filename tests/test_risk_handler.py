@@ -44,12 +44,14 @@ def payments(seconds: int, rate: int, fail: float, t0: int, seed: int = 1) -> li
             n = len(out)
             ev = {
                 "event_id": f"evt_{t0}_{n:08d}", "event_type": "payment_failed" if failed else "payment_succeeded",
-                "occurred_at": "2026-01-01T00:00:00.000Z", "processor": "stripe",
+                "event_timestamp": "2026-01-01T00:00:00.000Z", "processor": "stripe",
                 "merchant_id_hash": f"mer_{rng.randrange(500):06d}", "payment_intent_id_hash": f"pi_{t0}_{n:08d}",
-                "retry_count": 0,
+                "retry_count": 0, "payment_method_bucket": "credit_card", "channel": "web",
+                "system_source": "checkout_api",
             }
             if failed:
                 ev["failure_category"] = "do_not_honor"
+                ev["failure_origin"] = "issuer"
             out.append((t0 + s * 1000 + j * 1000 // rate, ev))
     return out
 
@@ -169,6 +171,8 @@ class RiskRuntimeMixin(RedisFixture):
                                 severity="warning"), 1)
         self.assertEqual(sample(m, "payflux_risk_alerts_escalated_total", consumer="c1", type="failure_rate_spike"), 1)
         self.assertEqual(sample(m, "payflux_risk_events_total", consumer="c1"), len(events))
+        failed = sum(1 for _, ev in events if ev["event_type"] == "payment_failed")
+        self.assertEqual(sample(m, "payflux_risk_failures_total", consumer="c1", origin="issuer"), failed)
         self.assertEqual(sample(m, "payflux_risk_stream_time_seconds", consumer="c1"), events[-1][0] / 1000)
         self.assertIn(b'payflux_risk_active_alerts{consumer="c1",type="failure_rate_spike"} 1.0', m.render())
 
@@ -269,6 +273,23 @@ class HandlerTests(unittest.TestCase):
             "payflux_risk_failure_rate", {"consumer": "risk-a", "processor": "stripe"}))
         self.assertIsNone(metrics.registry.get_sample_value(
             "payflux_risk_failure_rate", {"consumer": "risk-b", "processor": "stripe"}))
+
+    def test_failures_are_counted_by_origin(self):
+        h, _ = handler()
+        events = [(T0 + i, {"event_type": "payment_failed", "processor": "stripe", "failure_origin": origin})
+                  for i, origin in enumerate(["issuer", "Network", "network", "acquirer", "", "processor"])]
+        events += [(T0 + 10, {"event_type": "payment_succeeded", "processor": "stripe"}),
+                   (T0 + 11, {"event_type": "payment_failed", "processor": "stripe"}),
+                   # an entry written before the seed schema: occurred_at, no origin
+                   (T0 + 12, {"event_type": "payment_failed", "processor": "stripe",
+                              "occurred_at": "2025-12-31T23:59:59.000Z", "payment_method": "card"})]
+        self.successResultOf(h.handle([Entry(f"{t}-0", 0, f"e{i}", t, "1", ev, 1, ev["event_type"])
+                                       for i, (t, ev) in enumerate(events)]))
+        counts = {o: sample(h.metrics, "payflux_risk_failures_total", consumer="", origin=o)
+                  for o in ("issuer", "network", "processor", "merchant", "customer", "other", "none")}
+        self.assertEqual(counts, {"issuer": 1, "network": 2, "processor": 1, "merchant": None, "customer": None,
+                                  "other": 1, "none": 3})
+        self.assertEqual(sample(h.metrics, "payflux_risk_events_total", consumer=""), 9)
 
     def test_evictions_are_counted(self):
         h, _ = handler(max_keys={"merchant_id_hash": 10})

@@ -193,4 +193,8 @@ class QuickstartDocsTests(unittest.TestCase):
             failed = sum(e["event_type"] == "payment_failed" for e in node.events) / len(node.events)
             self.assertTrue(abs(failed - share) < 0.03, (argv, failed))
             self.assertEqual({e["processor"] for e in node.events}, processors)
+            # seed-shaped events: the failures say where they failed, the retry_result agrees with the type
+            self.assertEqual({(e["event_type"], e["retry_result"]) for e in node.events},
+                             {("payment_failed", "failed"), ("payment_succeeded", "success")})
+            self.assertEqual({e.get("failure_origin") for e in node.events}, {"issuer", "processor", None})
             self.assertIn("(target 200): ", out.getvalue().splitlines()[-1])

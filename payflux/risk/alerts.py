@@ -31,10 +31,18 @@ CONSUMER_STOPPED = "consumer_stopped"      # resolve: the risk consumer stopped 
 Key = tuple[tuple[str, str], ...]
 
 
+def _escape(value: str) -> str:
+    """``%``, ``,`` and ``=`` of a key value as ``%25``, ``%2C``, ``%3D`` (label fields such as
+    ``failure_category`` may contain them); every other character as it is."""
+    if "%" in value or "," in value or "=" in value:
+        return value.replace("%", "%25").replace(",", "%2C").replace("=", "%3D")
+    return value
+
+
 def key_text(key: Key) -> str:
-    """``processor=stripe,failure_category=timeout``: values are slugs, hash tokens or geo buckets,
-    none of which may contain ``,`` or ``=``."""
-    return ",".join(f"{name}={value}" for name, value in key)
+    """``processor=stripe,failure_category=timeout``: ``name=value`` pairs joined by ``,``, a
+    value's ``%``, ``,`` and ``=`` percent-encoded (so the text is unambiguous)."""
+    return ",".join(f"{name}={_escape(value)}" for name, value in key)
 
 
 def iso_ms(ms: int) -> str:

@@ -13,18 +13,25 @@ from typing import Any
 
 import attrs
 
+from payflux.events import STRING_FIELDS
+
 #: Dimensions with a cardinality cap (``max_keys`` table); the keys are event field names.
 CAP_DEFAULTS = {
     "processor": 1_000,
     "merchant_id_hash": 10_000,
     "geo_bucket": 1_000,
     "failure_category": 1_000,        # (processor, failure_category) pairs of failure_cluster
+    "failure_origin": 1_000,          # (processor, failure_origin) pairs of failure_cluster
     "payment_intent_id_hash": 100_000,
 }
 FAILURE_RATE_DIMENSIONS = ("processor", "merchant_id_hash", "geo_bucket")
-CLUSTER_DIMENSIONS = ("failure_category", "geo_bucket")
+CLUSTER_DIMENSIONS = ("failure_category", "geo_bucket", "failure_origin")
+#: Defaults of failure_event_types / success_event_types: PayFlux's own names and Stripe's
+#: (event types are stored as the processor names them; docs/risk.md, "What counts as a failure").
+FAILURE_EVENT_TYPES = ("payment_failed", "payment_intent.payment_failed", "charge.failed")
+SUCCESS_EVENT_TYPES = ("payment_succeeded", "payment_intent.succeeded", "charge.succeeded")
 MIN_SECRET_BYTES = 16  # as the webhook exporter requires
-_SLUG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_EVENT_TYPE = re.compile(STRING_FIELDS["event_type"][1]).fullmatch  # the rule ingest applies to event_type
 _STREAM_KEY = re.compile(r"^\S{1,256}$")
 
 
@@ -85,6 +92,7 @@ class EngineConfig:
     failure_event_types: frozenset[str]
     success_event_types: frozenset[str]
     retry_event_types: frozenset[str]
+    outcome_fields: bool            # retry_result and the failure fields classify events too
     max_keys: dict
     failure_rate: FailureRateConfig
     retry_storm: RetryStormConfig
@@ -163,10 +171,11 @@ class _Options:
             raise self.fail(key, "must be true or false")
         return v
 
-    def slugs(self, key: str, default: tuple[str, ...]) -> frozenset[str]:
+    def event_types(self, key: str, default: tuple[str, ...]) -> frozenset[str]:
         v = self.get(key, list(default))
-        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and _SLUG.match(s) for s in v):
-            raise self.fail(key, "must be a list of event types (slugs such as \"payment_failed\")")
+        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and _EVENT_TYPE(s) for s in v):
+            raise self.fail(key, "must be a list of event types as processors name them "
+                                 "(such as \"payment_failed\" or \"charge.failed\")")
         return frozenset(v)
 
     def choices(self, key: str, default: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -237,9 +246,10 @@ def parse_options(options: dict) -> RiskConfig:
     """The validated :class:`RiskConfig` of a ``[[consumers]]`` options table (``{}``: all defaults)."""
     top = _Options(options, "")
     types = dict(
-        failure_event_types=top.slugs("failure_event_types", ("payment_failed",)),
-        success_event_types=top.slugs("success_event_types", ("payment_succeeded",)),
-        retry_event_types=top.slugs("retry_event_types", ("payment_retried",)),
+        failure_event_types=top.event_types("failure_event_types", FAILURE_EVENT_TYPES),
+        success_event_types=top.event_types("success_event_types", SUCCESS_EVENT_TYPES),
+        retry_event_types=top.event_types("retry_event_types", ("payment_retried",)),
+        outcome_fields=top.bool("outcome_fields", True),
     )
     if types["failure_event_types"] & types["success_event_types"]:
         raise top.fail("success_event_types", "must not share an event type with failure_event_types")

@@ -65,7 +65,7 @@ class FailureRateDetector:
         expected = self.expected.get(processor, 0.0)
         for dim, table, make in self.others:
             v = event.get(dim)
-            if type(v) is str:
+            if v and type(v) is str:  # "" is absent
                 s = table.touch(v, b, make)
                 s.cur_n += 1
                 s.cur_e += expected
@@ -142,6 +142,9 @@ class RetryStormDetector:
       window reach ``intent_attempts``;
     - per ``processor``: the share of retry events (``retry_count > 0`` or a retry event type)
       among all its events vs its own baseline (the rate rule).
+
+    Retries whose ``retry_result`` says they succeeded are left out of both (the engine passes
+    ``retry=False`` for them): a storm is retries failing again, or of unknown result.
     """
 
     def __init__(self, config: RetryStormConfig, caps: dict, emit: Emit, now: Now) -> None:
@@ -170,7 +173,7 @@ class RetryStormDetector:
         if not (retry or failed) or not self.intent_attempts:
             return
         key = event.get("payment_intent_id_hash")
-        if type(key) is not str:
+        if not key or type(key) is not str:  # optional; "" is absent
             return
         i = self.intents.touch(key, b, _Intent)
         w = t_ms // self.window_ms
@@ -181,7 +184,7 @@ class RetryStormDetector:
         i.cur += 1  # an event older than the intent's current window counts in it (no reordering)
         i.processor = processor
         merchant = event.get("merchant_id_hash")
-        if type(merchant) is str:
+        if merchant and type(merchant) is str:
             i.merchant = merchant
         if retry_count > i.max_retry:
             i.max_retry = retry_count
@@ -266,8 +269,8 @@ def _evolve_severity(alert: Alert) -> Alert:
 
 class FailureClusterDetector:
     """
-    ``failure_cluster``: the share of one ``failure_category`` (or ``geo_bucket``) among a
-    processor's failures vs that pair's own baseline share.
+    ``failure_cluster``: the share of one ``failure_category`` (or ``geo_bucket``, or
+    ``failure_origin``) among a processor's failures vs that pair's own baseline share.
 
     Children ``(processor, value)`` are closed with their parent processor: their window total
     is the processor's failures, so a child's baseline is updated every second its processor is
@@ -307,7 +310,7 @@ class FailureClusterDetector:
         self._parent = parent
         for dim, table in self.children:
             v = event.get(dim)
-            if type(v) is str:
+            if v and type(v) is str:  # "" is absent
                 self._dim = dim
                 table.touch((processor, v), b, self._make_child).cur_k += 1
 

@@ -6,6 +6,16 @@ Pure and synchronous (no Twisted, no I/O, no clock of its own): time is only wha
 passes (``observe(event, t_ms)``, ``advance(t_ms)``), so tests and benchmarks drive it at any
 rate.  :class:`payflux.risk.handler.RiskHandler` adapts consumer entries to it.
 
+Outcomes (docs/risk.md, "What counts as a failure"): an event is a failure if its
+``event_type`` is in ``failure_event_types``; otherwise, with ``outcome_fields`` (the default),
+if its ``retry_result`` is a failure value (:data:`FAILED_RESULTS`, any case), or, unless its
+``retry_result`` is a success value (:data:`SUCCEEDED_RESULTS`), if it carries a
+``failure_category``, ``failure_origin`` or ``failure_code``.  It is a success if it is not a
+failure and its ``event_type`` is in ``success_event_types`` or its ``retry_result`` is a
+success value.  Anything else is not an outcome (failure_rate doesn't count it).  A retry
+(``retry_count > 0`` or a ``retry_event_types`` type) whose ``retry_result`` is a success
+value is a retry that worked: retry_storm doesn't count it.  "" counts as absent everywhere.
+
 Stream clock: ``now_ms`` is the largest time seen.  An event older than that is counted in the
 current bucket (no reordering, nothing dropped); buckets close in order when the clock passes
 them.  After a gap in which no key has anything left in any window, the empty seconds are
@@ -22,6 +32,14 @@ from payflux.risk.config import EngineConfig, parse_options
 from payflux.risk.detectors import FailureClusterDetector, FailureRateDetector, RetryStormDetector
 from payflux.risk.windows import BUCKET_MS
 
+#: ``retry_result`` values (compared lower-cased) that say the attempt failed / succeeded.
+FAILED_RESULTS = frozenset(("failed", "fail", "failure", "declined"))
+SUCCEEDED_RESULTS = frozenset(("success", "succeeded", "successful", "approved"))
+#: ``failure_origin`` values (lower-cased) that are their own label of
+#: ``payflux_risk_failures_total{origin}``; any other value is "other", none sent is "none".
+ORIGINS = ("processor", "network", "issuer", "merchant", "customer")
+_ORIGIN_LABELS = {o: o for o in ORIGINS}
+
 
 class RiskEngine:
     """See the module docstring.  ``take()`` returns (and forgets) the transitions so far."""
@@ -33,6 +51,7 @@ class RiskEngine:
         self.bucket: int | None = None     # the open (not yet closed) bucket
         self.events = 0                    # events observed
         self.ignored = 0                   # events without a string ``processor`` (not payment events)
+        self.failures_by_origin: Counter = Counter()  # failures by failure_origin label (ORIGINS, other, none)
         self.transitions: list[Transition] = []
         emit = self.transitions.append
         now = self._now
@@ -45,6 +64,7 @@ class RiskEngine:
         self._failure = c.failure_event_types
         self._success = c.success_event_types
         self._retry = c.retry_event_types
+        self._fields = c.outcome_fields
 
     def _now(self) -> int:
         return self.now_ms if self.now_ms is not None else 0
@@ -65,15 +85,31 @@ class RiskEngine:
             return
         self.events += 1
         b = self.bucket
-        kind = event.get("event_type")
+        get = event.get
+        kind = get("event_type")
         failed = kind in self._failure
-        rc = event.get("retry_count")
+        worked = False  # not a failure, and retry_result says the attempt succeeded
+        if self._fields and not failed:
+            result = get("retry_result")
+            if result and type(result) is str:
+                result = result.lower()
+                if result in FAILED_RESULTS:
+                    failed = True
+                elif result in SUCCEEDED_RESULTS:
+                    worked = True
+            if not (failed or worked):
+                failed = bool(get("failure_category") or get("failure_origin") or get("failure_code"))
+        rc = get("retry_count")
         retry_count = rc if type(rc) is int else 0
         retry = retry_count > 0 or kind in self._retry
-        if self.failure_rate is not None and (failed or kind in self._success):
+        if failed:
+            origin = get("failure_origin")
+            self.failures_by_origin[
+                _ORIGIN_LABELS.get(origin.lower(), "other") if origin and type(origin) is str else "none"] += 1
+        if self.failure_rate is not None and (failed or worked or kind in self._success):
             self.failure_rate.observe(event, processor, failed, b)
         if self.retry_storm is not None:
-            self.retry_storm.observe(event, processor, failed, retry, retry_count, t_ms, b)
+            self.retry_storm.observe(event, processor, failed, retry and not worked, retry_count, t_ms, b)
         if self.failure_cluster is not None and failed:
             self.failure_cluster.observe(event, processor, b)
 

@@ -6,7 +6,8 @@ The handler starts with a private registry (:meth:`RiskMetrics.unbound`; tests r
 moves to the node's registry when the node calls ``handler.bind_metrics(metrics, consumer)``.
 The families are registered once per registry.  Label values are bounded: ``processor`` by the
 processor cardinality cap (a processor's series is removed when it leaves the window or is
-evicted), ``type``/``severity``/``reason``/``sink``/``detector``/``dimension`` by fixed sets.
+evicted), ``type``/``severity``/``reason``/``sink``/``detector``/``dimension``/``origin`` by
+fixed sets (``origin``: :data:`payflux.risk.engine.ORIGINS`, ``other``, ``none``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class _Families:
         self.resolved = Counter("payflux_risk_alerts_resolved", "Risk alerts resolved, by reason.",
                                 c + ["type", "reason"], registry=r)
         self.events = Counter("payflux_risk_events", "Payment events counted by the detectors.", c, registry=r)
+        self.failures = Counter("payflux_risk_failures",
+                                "Failed payment events counted by the detectors, by failure_origin (processor, "
+                                "network, issuer, merchant, customer; other: any other value; none: not sent).",
+                                c + ["origin"], registry=r)
         self.ignored = Counter("payflux_risk_events_ignored",
                                "Entries without a string processor field (not payment events).", c, registry=r)
         self.stream_time = Gauge("payflux_risk_stream_time_seconds",
@@ -79,6 +84,7 @@ class RiskMetrics:
         self._evicted: dict[tuple[str, str], int] = {}
         self._events = 0
         self._ignored = 0
+        self._failures: dict[str, int] = {}
         self._suppressed = 0
         for t in ALERT_TYPES:
             self.f.active.labels(consumer, t).set(0)
@@ -115,6 +121,8 @@ class RiskMetrics:
                 self._evicted[(detector, dimension)] = table.evicted
         self._events = _add(f.events.labels(c), engine.events, self._events)
         self._ignored = _add(f.ignored.labels(c), engine.ignored, self._ignored)
+        for origin, n in engine.failures_by_origin.items():
+            self._failures[origin] = _add(f.failures.labels(c, origin), n, self._failures.get(origin, 0))
         if engine.retry_storm is not None:
             self._suppressed = _add(f.suppressed.labels(c), engine.retry_storm.suppressed, self._suppressed)
         if engine.now_ms is not None:
