@@ -35,7 +35,8 @@ ONE_REDIS = ("7",) if "7" in _binaries() else ("6.2",)  # these tests are about 
 
 
 def entry(i: int, partition: int = 0) -> Entry:
-    event = {"event_id": f"evt-{i:05d}", "amount_bucket": "10-50", "currency": "EUR", "retry_count": i % 3,
+    event = {"event_id": f"evt-{i:05d}", "event_timestamp": "2026-01-06T00:00:00.000Z", "amount_bucket": "10-50",
+             "payment_method_bucket": "credit_card", "currency": "EUR", "retry_count": i % 3,
              "note": "caf\u00e9 \u2713", "nested": {"b": 1, "a": [1, 2]}}
     return Entry(f"17000000{i:05d}-0", partition, event["event_id"], 1700000000000 + i, "1", event, 1,
                  "payment_failed")

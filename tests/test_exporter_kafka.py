@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from payflux.consumers.handlers import EntriesFailed, Entry, load_handler
 from payflux.events import EventValidator, ValidationPolicy, canonical_json
-from payflux.exporters.kafka import HEADERS, KafkaExporter, producer_config
+from payflux.exporters.kafka import HEADERS, KafkaExporter, message_key, producer_config
 from payflux.observability.metrics import Metrics
 from payflux.streams.keys import StreamKeys
 from tests.support.consumers import wait_for
@@ -39,15 +39,16 @@ def payment_event(i: int, merchants: int = 12) -> dict:
     event = {
         "event_id": f"evt_{i:06d}",
         "event_type": ("payment_failed", "payment_succeeded", "payment_retried")[i % 3],
-        "occurred_at": f"2026-01-15T09:{(i // 60) % 60:02d}:{i % 60:02d}.{i % 1000:03d}Z",
+        "event_timestamp": f"2026-01-15T09:{(i // 60) % 60:02d}:{i % 60:02d}.{i % 1000:03d}Z",
         "processor": ("stripe", "adyen")[i % 2],
         "merchant_id_hash": f"mh_{i % merchants:04d}_x",
         "payment_intent_id_hash": f"pi_{i:08d}",
         "retry_count": i % 4,
     }
     if i % 2:
-        event.update(currency="EUR", amount_bucket="10-50", payment_method="card", geo_bucket="EU-west",
-                     customer_id_hash=f"cu_{i % 97:05d}", processor_latency_ms=i * 7)
+        event.update(currency="EUR", amount_bucket="10-50", payment_method_bucket="credit_card", geo_bucket="EU-west",
+                     customer_id_hash=f"cu_{i % 97:05d}", processor_latency_ms=i * 7, system_source="checkout_api",
+                     channel="web", retry_result="failed", failure_origin="issuer")
     return VALIDATOR.validate(event)
 
 
@@ -147,6 +148,22 @@ class KafkaExporterTests(unittest.TestCase):
         self.assertEqual(sample(metrics, "payflux_exporter_exported_total"), 1200)
         self.assertEqual(sample(metrics, "payflux_exporter_failed_total"), 0)
         self.assertGreater(sample(metrics, "payflux_exporter_last_success_timestamp_seconds"), 1.7e9)
+
+    async def test_an_event_without_a_merchant_is_keyed_by_its_event_id(self):
+        cluster = MockCluster(self)
+        reader = TopicReader(self, cluster, "payments")
+        exporter = self.exporter(topic="payments", bootstrap_servers=cluster.bootstrap)
+        without = {k: v for k, v in payment_event(1).items() if k != "merchant_id_hash"}
+        entries = [
+            entry(0),
+            Entry(f"{RECEIVED_AT + 1}-0", 0, without["event_id"], RECEIVED_AT + 1, "1", without, 1, "payment_failed"),
+            entry(2, merchant_id_hash=""),  # layout = "seed": an absent merchant is ""
+        ]
+        self.assertIsNone(await exporter.handle(entries))
+        messages = await reader.read(3)
+        keys = {m.key() for m in messages}
+        self.assertEqual(keys, {b"mh_0000_x", b"evt_000001", b"evt_000002"})
+        self.assertEqual([message_key(e) for e in entries], [b"mh_0000_x", b"evt_000001", b"evt_000002"])
 
     async def test_full_producer_queue_waits_and_keeps_order(self):
         cluster = MockCluster(self)

@@ -41,21 +41,23 @@ UTC = datetime.timezone.utc
 
 
 def payment_event(i: int, merchants: int = 12) -> dict:
-    """A valid payment_exhaust event (normalised by the real validator); optional fields on odd i."""
+    """A valid payment_exhaust event (normalised by the real validator); optional fields on odd i,
+    no merchant or intent hash on every fifth."""
     event = {
         "event_id": f"evt_{i:06d}",
-        "event_type": ("payment_failed", "payment_succeeded", "payment_retried")[i % 3],
-        "occurred_at": f"2026-01-15T09:{(i // 60) % 60:02d}:{i % 60:02d}.{i % 1000:03d}+00:00",
+        "event_type": ("payment_failed", "payment_intent.succeeded", "payment_retried")[i % 3],
+        "event_timestamp": f"2026-01-15T09:{(i // 60) % 60:02d}:{i % 60:02d}.{i % 1000:03d}+00:00",
         "processor": ("stripe", "adyen")[i % 2],
-        "merchant_id_hash": f"mh_{i % merchants:04d}_x",
-        "payment_intent_id_hash": f"pi_{i:08d}",
     }
+    if i % 5:
+        event.update(merchant_id_hash=f"mh_{i % merchants:04d}_x", payment_intent_id_hash=f"pi_{i:08d}")
     if i % 4:
         event["retry_count"] = i % 4
     if i % 2:
-        event.update(currency="EUR", amount_bucket="10-50", payment_method="card", geo_bucket="EU-west",
+        event.update(currency="EUR", amount_bucket="10-50", payment_method_bucket="credit_card", geo_bucket="EU-west",
                      customer_id_hash=f"cu_{i % 97:05d}", failure_category="insufficient_funds",
-                     failure_code="card_declined", processor_latency_ms=(i * 7) % 600_000)
+                     failure_code="card_declined", processor_latency_ms=(i * 7) % 600_000,
+                     system_source="checkout_api", channel="web", retry_result="failed", failure_origin="issuer")
     return VALIDATOR.validate(event)
 
 
@@ -67,10 +69,10 @@ def entry(i: int, received_at_ms: int | None = None, **overrides: Any) -> Entry:
 
 
 def expected_row(e: Entry) -> dict:
-    """What pyarrow must read back for ``e``: every field typed, absent optional ones None."""
-    row = {name: e.event.get(name) for name in FIELDS}
+    """What pyarrow must read back for ``e``: every field typed, absent (or "") optional ones None."""
+    row = {name: e.event.get(name) or None for name in FIELDS}
     row["retry_count"] = e.event.get("retry_count", 0)
-    row["occurred_at"] = datetime.datetime.strptime(e.event["occurred_at"], "%Y-%m-%dT%H:%M:%S.%f%z")
+    row["event_timestamp"] = datetime.datetime.strptime(e.event["event_timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z")
     row.update(stream_id=e.stream_id, stream_partition=e.partition,
                received_at=datetime.datetime.fromtimestamp(e.received_at_ms / 1000, UTC))
     return row
@@ -122,11 +124,17 @@ class ParquetExporterTests(unittest.TestCase):
         self.assertEqual(os.stat(files[0]).st_mode & 0o777, 0o604)  # exactly, whatever the umask
         table = pq.read_table(files[0])
         self.assertEqual(table.schema, SCHEMA)
-        self.assertEqual(pq.read_schema(files[0]).metadata[b"payflux.schema"], b"payment_exhaust/1")
-        self.assertEqual(str(table.schema.field("occurred_at").type), "timestamp[ms, tz=UTC]")
+        self.assertEqual(pq.read_schema(files[0]).metadata[b"payflux.schema"], b"payment_exhaust/2")
+        self.assertEqual(str(table.schema.field("event_timestamp").type), "timestamp[ms, tz=UTC]")
         self.assertEqual(str(table.schema.field("retry_count").type), "int32")
         self.assertEqual(table.to_pylist(), [expected_row(e) for e in entries])
         self.assertEqual(set(FIELDS) - set(SCHEMA.names), set())  # every event field has its column
+        # the seed's 15 fields in the seed's order, then PayFlux's four, then the stream's three
+        self.assertEqual(SCHEMA.names, [*FIELDS, "stream_id", "stream_partition", "received_at"])
+        self.assertEqual([f.name for f in SCHEMA if not f.nullable],
+                         ["event_type", "event_timestamp", "event_id", "processor", "retry_count", "stream_id",
+                          "stream_partition", "received_at"])
+        self.assertIsNone(table.column("merchant_id_hash")[0].as_py())  # i = 0: no merchant
         # the hive-style date partition is what a loader sees, and only complete files
         dataset = ds.dataset(self.dir, format="parquet", partitioning="hive").to_table()
         self.assertEqual(set(dataset.column("dt").to_pylist()), {"2026-01-15"})
@@ -184,11 +192,11 @@ class ParquetExporterTests(unittest.TestCase):
         metrics = Metrics()
         exporter.bind_metrics(metrics, "c1")
         bad = [
-            (entry(1, merchant_id_hash=None), "merchant_id_hash: required"),
+            (entry(1, event_id=None), "event_id: required"),
             (entry(2, retry_count="3"), "retry_count: must be a 32-bit integer"),
             (entry(3, processor_latency_ms=2**40), "processor_latency_ms: must be a 32-bit integer"),
             (entry(4, currency=978), "currency: must be a string"),
-            (entry(5, occurred_at="yesterday"), "occurred_at: must be an RFC 3339 timestamp"),
+            (entry(5, event_timestamp="yesterday"), "event_timestamp: must be an RFC 3339 timestamp"),
         ]
         good = [entry(i) for i in (0, 6, 7)]
         entries = [bad[0][0], good[0], *(e for e, _ in bad[1:]), *good[1:]]
@@ -199,6 +207,30 @@ class ParquetExporterTests(unittest.TestCase):
         self.assertEqual(read_rows(self.dir), [expected_row(e) for e in good])
         self.assertEqual(metrics.registry.get_sample_value(
             "payflux_exporter_failed_total", {"exporter": "parquet", "consumer": "c1"}), 5)
+
+    async def test_entries_from_before_the_seed_schema_and_of_layout_seed(self):
+        exporter = self.exporter()
+        seed_fields = FIELDS[:15]
+        new = entry(1)
+        # written before the seed schema: occurred_at and payment_method, no event_timestamp
+        old_event = {k: v for k, v in entry(3).event.items() if k not in ("event_timestamp", "payment_method_bucket")}
+        old = entry(3, received_at_ms=RECEIVED_AT + 3)
+        old = Entry(old.stream_id, old.partition, old.event_id, old.received_at_ms, "1",
+                    {**old_event, "occurred_at": "2026-01-15T09:00:03.003Z", "payment_method": "card"}, 1, old.type)
+        # layout = "seed": every seed field present, an absent one as ""
+        seed = entry(4)
+        seed = Entry(seed.stream_id, seed.partition, seed.event_id, seed.received_at_ms, "1",
+                     {**{name: "" for name in seed_fields}, **seed.event}, 1, seed.type)
+        self.assertEqual(seed.event["failure_origin"], "")
+        self.assertIsNone(await exporter.handle([new, old, seed]))  # max_batches 1: rolled
+        rows = read_rows(self.dir)
+        self.assertEqual(rows[0], expected_row(new))
+        self.assertEqual((rows[1]["event_timestamp"], rows[1]["payment_method_bucket"]),
+                         (datetime.datetime(2026, 1, 15, 9, 0, 3, 3000, UTC), "card"))
+        self.assertNotIn("occurred_at", rows[1])
+        self.assertEqual(rows[2], expected_row(seed))
+        self.assertEqual([name for name in seed_fields if rows[2][name] is None],
+                         [name for name in seed_fields if name not in entry(4).event])
 
     async def test_one_file_per_received_date(self):
         exporter = self.exporter()

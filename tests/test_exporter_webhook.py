@@ -59,7 +59,8 @@ def docs_verify_function() -> Callable[..., bool]:
 
 
 def entry(i: int, partition: int = 0) -> Entry:
-    event = {"event_id": f"evt-{i:04d}", "amount_bucket": "10-50", "currency": "EUR"}
+    event = {"event_id": f"evt-{i:04d}", "event_timestamp": "2026-01-06T00:00:00.000Z", "amount_bucket": "10-50",
+             "payment_method_bucket": "credit_card", "currency": "EUR"}
     return Entry(f"1700000000{i:03d}-0", partition, event["event_id"], 1700000000000 + i, "1", event, 1,
                  "payment_failed")
 

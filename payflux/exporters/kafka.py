@@ -4,8 +4,11 @@ The Kafka / Redpanda exporter: built-in handler ``kafka`` (extra ``kafka`` = con
 Contract (docs/exporters.md, "Kafka / Redpanda"):
 
 - One Kafka message per stream entry: key = ``merchant_id_hash`` (UTF-8; so one merchant's
-  events share a Kafka partition and keep their order), value = the canonical event JSON (the
-  bytes PayFlux stored), timestamp = ``received_at`` (ms), headers :data:`HEADERS`.
+  events share a Kafka partition and keep their order), or ``event_id`` for an event without
+  one (the field is optional; ``""`` is absent), so such events spread over the partitions and a
+  redelivered copy lands in the partition of the first (:func:`message_key`); value = the
+  canonical event JSON (the bytes PayFlux stored), timestamp = ``received_at`` (ms), headers
+  :data:`HEADERS`.
 - The producer always runs with ``enable.idempotence=true`` and ``acks=all``; librdkafka
   retries retriable errors itself (broker down, leader change, timeouts) until
   ``message.timeout.ms`` (30 s here unless set), so a failed delivery report is final for this
@@ -57,6 +60,19 @@ HEADERS = (
     "payflux.event_id", "payflux.event_type", "payflux.stream_id", "payflux.partition",
     "payflux.received_at", "payflux.schema_version",
 )
+
+
+def message_key(entry: Entry) -> bytes:
+    """The Kafka key of an entry: its ``merchant_id_hash`` (UTF-8), or, for an event without one
+    (optional since the seed schema; ``""`` is absent), its ``event_id``: such events spread
+    over the partitions instead of piling into the one of an empty key, and a redelivered copy
+    goes to the partition of the first (the same key), where a consumer deduplicating on
+    ``payflux.event_id`` meets both."""
+    merchant = entry.event.get("merchant_id_hash")
+    if merchant and isinstance(merchant, str):
+        return merchant.encode()
+    return entry.event_id.encode()
+
 
 # librdkafka settings applied unless the ``librdkafka`` table sets them
 DEFAULTS: dict[str, Any] = {
@@ -310,12 +326,11 @@ class KafkaExporter:
         while batch.next < len(entries):
             i = batch.next
             e = entries[i]
-            merchant = e.event.get("merchant_id_hash")
             try:
                 produce(
                     topic,
                     value=canonical_json(e.event),
-                    key=merchant.encode() if isinstance(merchant, str) else None,
+                    key=message_key(e),
                     headers=[
                         ("payflux.event_id", e.event_id), ("payflux.event_type", e.type),
                         ("payflux.stream_id", e.stream_id), ("payflux.partition", str(e.partition)),

@@ -4,10 +4,14 @@ The warehouse exporter: built-in handler ``parquet`` (extra ``warehouse`` = pyar
 Contract (docs/exporters.md, "Parquet (warehouse)"):
 
 - Rows have the fixed, typed schema :data:`SCHEMA`: one column per event field of
-  docs/events.md (strings, ``occurred_at`` as a UTC millisecond timestamp, integers as int32)
-  plus ``stream_id``, ``stream_partition`` and ``received_at``.  An entry whose event doesn't
-  fit (missing required field, wrong type) fails alone (EntriesFailed: reclaimed, then
-  dead-lettered); the others are written.
+  docs/events.md (the seed's 15 fields in the seed's order, then PayFlux's 4 additions;
+  strings, ``event_timestamp`` as a UTC millisecond timestamp, integers as int32) plus
+  ``stream_id``, ``stream_partition`` and ``received_at``.  An absent optional field, or ``""``
+  (``layout = "seed"`` stores every seed field), is null.  Entries written before the seed
+  schema fill ``event_timestamp`` from ``occurred_at`` and ``payment_method_bucket`` from
+  ``payment_method`` (:data:`LEGACY_NAMES`).  An entry whose event doesn't fit (missing required
+  field, wrong type) fails alone (EntriesFailed: reclaimed, then dead-lettered); the others are
+  written.
 - Files: ``<directory>/dt=YYYY-MM-DD/part-<UTC roll time>-<random>.parquet``, ``dt`` being the
   UTC date of ``received_at`` (Hive-style, so BigQuery, Snowflake, DuckDB, Spark pick the date
   up as a partition column).  Written as ``.part-....parquet.tmp`` in the same directory (a
@@ -53,30 +57,36 @@ log = Logger()
 
 _TS = pa.timestamp("ms", tz="UTC")
 _INT32 = (-(2**31), 2**31 - 1)
-# (column, Arrow type, nullable); the event's fields in docs/events.md order, then the stream's
+# (column, Arrow type, nullable); the seed's 15 fields in its order, PayFlux's 4 additions, then the stream's
 EVENT_COLUMNS: tuple[tuple[str, pa.DataType, bool], ...] = (
-    ("event_id", pa.string(), False),
     ("event_type", pa.string(), False),
-    ("occurred_at", _TS, False),
+    ("event_timestamp", _TS, False),
+    ("event_id", pa.string(), False),
+    ("merchant_id_hash", pa.string(), True),
+    ("payment_intent_id_hash", pa.string(), True),
     ("processor", pa.string(), False),
-    ("merchant_id_hash", pa.string(), False),
-    ("payment_intent_id_hash", pa.string(), False),
-    ("customer_id_hash", pa.string(), True),
-    ("amount_bucket", pa.string(), True),
-    ("currency", pa.string(), True),
-    ("payment_method", pa.string(), True),
-    ("geo_bucket", pa.string(), True),
     ("failure_category", pa.string(), True),
-    ("failure_code", pa.string(), True),
     ("retry_count", pa.int32(), False),  # absent means 0 (docs/events.md)
+    ("geo_bucket", pa.string(), True),
+    ("amount_bucket", pa.string(), True),
+    ("system_source", pa.string(), True),
+    ("payment_method_bucket", pa.string(), True),
+    ("channel", pa.string(), True),
+    ("retry_result", pa.string(), True),
+    ("failure_origin", pa.string(), True),
+    ("customer_id_hash", pa.string(), True),
+    ("currency", pa.string(), True),
+    ("failure_code", pa.string(), True),
     ("processor_latency_ms", pa.int32(), True),
 )
+#: Column -> the name it had before the seed schema, read from entries that lack the column.
+LEGACY_NAMES = {"event_timestamp": "occurred_at", "payment_method_bucket": "payment_method"}
 STREAM_COLUMNS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("stream_id", pa.string(), False),       # Redis stream entry id, unique within stream_partition
     ("stream_partition", pa.int32(), False),  # not "partition": a reserved word in BigQuery and Snowflake SQL
     ("received_at", _TS, False),              # when PayFlux accepted the event; dt=... is its UTC date
 )
-SCHEMA_ID = "payment_exhaust/1"
+SCHEMA_ID = "payment_exhaust/2"  # /1: PayFlux's pre-seed columns (occurred_at, payment_method)
 SCHEMA = pa.schema(
     [pa.field(name, type_, nullable=nullable) for name, type_, nullable in EVENT_COLUMNS + STREAM_COLUMNS],
     metadata={"payflux.schema": SCHEMA_ID},
@@ -84,8 +94,9 @@ SCHEMA = pa.schema(
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
 OPTIONS = ("directory", "max_rows", "max_age", "max_batches", "compression", "file_mode")
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
-_EVENT_CHECKS = tuple((name, type_ == pa.int32(), nullable) for name, type_, nullable in EVENT_COLUMNS)
-_OCCURRED = [name for name, _, _ in EVENT_COLUMNS].index("occurred_at")
+_EVENT_CHECKS = tuple((name, type_ == pa.int32(), nullable, LEGACY_NAMES.get(name))
+                      for name, type_, nullable in EVENT_COLUMNS)
+_TIMESTAMP = [name for name, _, _ in EVENT_COLUMNS].index("event_timestamp")
 
 
 class RowRejected(Exception):
@@ -144,9 +155,12 @@ def rows_of(entries: list[Entry]) -> tuple[pa.RecordBatch | None, list[tuple[int
         event = e.event
         row = []
         problem = None
-        for name, is_int, nullable in _EVENT_CHECKS:
+        for name, is_int, nullable, legacy in _EVENT_CHECKS:
             value = event.get(name)
-            if value is None:
+            if (value is None or value == "") and legacy is not None:
+                value = event.get(legacy)
+            if value is None or value == "":  # "": an absent field of layout = "seed"
+                value = None
                 if name == "retry_count":
                     value = 0
                 elif not nullable:
@@ -156,7 +170,7 @@ def rows_of(entries: list[Entry]) -> tuple[pa.RecordBatch | None, list[tuple[int
                 if type(value) is not int or not _INT32[0] <= value <= _INT32[1]:
                     problem = f"{name}: must be a 32-bit integer"
                     break
-            elif type(value) is not str:  # strings and occurred_at (parsed below, per column)
+            elif type(value) is not str:  # strings and event_timestamp (parsed below, per column)
                 problem = f"{name}: must be a string"
                 break
             row.append(value)
@@ -167,26 +181,26 @@ def rows_of(entries: list[Entry]) -> tuple[pa.RecordBatch | None, list[tuple[int
         for column, value in zip(columns, row):
             column.append(value)
         keys.append(key)
-    occurred = _OCCURRED
+    stamp = _TIMESTAMP
     try:
-        stamps = pa.array(columns[occurred], pa.string()).cast(_TS)
+        stamps = pa.array(columns[stamp], pa.string()).cast(_TS)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        # rare: find the rows whose occurred_at isn't an RFC 3339 timestamp, drop them, retry
+        # rare: find the rows whose event_timestamp isn't an RFC 3339 timestamp, drop them, retry
         bad = set()
-        for i, text in enumerate(columns[occurred]):
+        for i, text in enumerate(columns[stamp]):
             try:
                 pa.array([text], pa.string()).cast(_TS)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 bad.add(i)
         for i in bad:
-            failures[keys[i]] = RowRejected("occurred_at: must be an RFC 3339 timestamp")
+            failures[keys[i]] = RowRejected("event_timestamp: must be an RFC 3339 timestamp")
         keep = [i for i in range(len(keys)) if i not in bad]
         columns = [[column[i] for i in keep] for column in columns]
         keys = [keys[i] for i in keep]
-        stamps = pa.array(columns[occurred], pa.string()).cast(_TS)
+        stamps = pa.array(columns[stamp], pa.string()).cast(_TS)
     if not keys:
         return None, keys, failures
-    arrays = [stamps if i == occurred else pa.array(column, field.type)
+    arrays = [stamps if i == stamp else pa.array(column, field.type)
               for i, (column, field) in enumerate(zip(columns, SCHEMA))]
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA), keys, failures
 
