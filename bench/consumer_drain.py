@@ -40,12 +40,13 @@ KEYS = StreamKeys("payflux")
 
 
 def canonical(i: int) -> str:
-    event = {
-        "amount_bucket": "10-50", "currency": "USD", "event_id": f"evt_{i:032x}", "event_type": "payment_failed",
-        "failure_category": "insufficient_funds", "failure_code": "card_declined", "geo_bucket": "US",
-        "merchant_id_hash": "m_5f2b9c1e", "occurred_at": "2026-01-15T10:00:00.000Z",
-        "payment_intent_id_hash": f"pi_{i:016x}", "payment_method": "card", "processor": "stripe",
-        "processor_latency_ms": 230, "retry_count": 0,
+    event = {  # a stored event of the seed's schema (docs/events.md): its 15 fields and PayFlux's 4
+        "amount_bucket": "10-50", "channel": "web", "currency": "USD", "customer_id_hash": "cu_4e9a1c7d",
+        "event_id": f"evt_{i:032x}", "event_timestamp": "2026-01-15T10:00:00.000Z", "event_type": "payment_failed",
+        "failure_category": "insufficient_funds", "failure_code": "card_declined", "failure_origin": "issuer",
+        "geo_bucket": "US", "merchant_id_hash": "m_5f2b9c1e", "payment_intent_id_hash": f"pi_{i:016x}",
+        "payment_method_bucket": "credit_card", "processor": "stripe", "processor_latency_ms": 230,
+        "retry_count": 0, "retry_result": "failed", "system_source": "checkout_api",
     }
     return json.dumps(event, sort_keys=True, separators=(",", ":"))
 

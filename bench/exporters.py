@@ -3,7 +3,8 @@ Exporter throughput: events/s through the handler API (``handle(batch)`` until i
 
 Every case builds one exporter as the runtime would (``load_handler(name, options, reactor)``),
 then the same batches go through it: realistic payment_exhaust events (``payflux.cli.sample_event``,
-canonical JSON ~420 bytes, decoded into ``Entry`` objects by the consumer's own ``decode_entry``),
+canonical JSON ~520 bytes with the seed schema's fields, ~420 before it, decoded into ``Entry``
+objects by the consumer's own ``decode_entry``),
 ``--batch`` events per batch (the consumer's default ``batch_size`` is 100), at most
 ``--concurrency`` batches in flight (the runtime's ``concurrency``).  After a short warm-up the
 clock runs from the first ``handle`` to the last batch's completion; afterwards the destination is

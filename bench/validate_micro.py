@@ -42,22 +42,27 @@ def token(rng: random.Random, n: int) -> str:
 
 
 def make_event(rng: random.Random, i: int) -> dict:
-    """All 15 fields, the shape bench/wrk/common.lua sends."""
+    """All 19 fields (the seed's 15 and PayFlux's 4), the shape bench/wrk/common.lua sends."""
     return {
         "event_id": f"b1700000000_t0_1_l{i}",
-        "event_type": rng.choice(["payment_failed", "payment_retried", "payment_succeeded"]),
-        "occurred_at": "2025-12-31T23:59:00Z",
-        "processor": rng.choice(["stripe", "adyen", "braintree", "checkout_com"]),
+        "event_type": rng.choice(["payment_failed", "payment_intent.payment_failed", "payment_retried",
+                                  "charge.failed"]),
+        "event_timestamp": "2025-12-31T23:59:00Z",
         "merchant_id_hash": "m_" + token(rng, 22),
         "payment_intent_id_hash": "pi_" + token(rng, 30),
-        "customer_id_hash": "cus_" + token(rng, 26),
-        "amount_bucket": rng.choice(["0-10", "10-50", "50-100", "100-500", "500+"]),
-        "currency": "USD",
-        "payment_method": "card",
-        "geo_bucket": rng.choice(["US:CA", "DE:BE", "GB:LDN", "BR:SP"]),
-        "failure_category": rng.choice(["insufficient_funds", "do_not_honor", "expired_card"]),
-        "failure_code": f"card_declined:{i % 50}",
+        "processor": rng.choice(["stripe", "adyen", "braintree", "checkout_com"]),
+        "failure_category": rng.choice(["insufficient_funds", "do_not_honor", "expired_card", "processor_timeout"]),
         "retry_count": i % 4,
+        "geo_bucket": rng.choice(["US:CA", "DE:BE", "GB:LDN", "BR:SP"]),
+        "amount_bucket": rng.choice(["0-10", "10-50", "50-200", "200-500", "500+"]),
+        "system_source": rng.choice(["checkout_api", "mobile_sdk", "subscriptions"]),
+        "payment_method_bucket": rng.choice(["credit_card", "debit_card", "wallet", "bank_transfer"]),
+        "channel": rng.choice(["web", "ios", "android", "pos"]),
+        "retry_result": rng.choice(["failed", "fail", "declined"]),
+        "failure_origin": rng.choice(["processor", "network", "issuer", "merchant"]),
+        "customer_id_hash": "cus_" + token(rng, 26),
+        "currency": "USD",
+        "failure_code": f"card_declined:{i % 50}",
         "processor_latency_ms": 37 + (i * 13) % 900,
     }
 

@@ -53,7 +53,7 @@ def make_event(n: int) -> PreparedEvent:
         "event_id": event_id,
         "event_type": "authorization",
         "merchant_id_hash": f"{n % 1000:064x}",
-        "occurred_at": "2026-11-24T10:00:00.000Z",
+        "event_timestamp": "2026-11-24T10:00:00.000Z",
         "schema_version": 1,
     }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

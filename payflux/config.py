@@ -281,7 +281,7 @@ OPTIONS: tuple[Option, ...] = (
         "future_skew",
         300.0,
         _float(0, 86400),
-        "Seconds occurred_at may lie in the future before an event is rejected.",
+        "Seconds event_timestamp may lie in the future before an event is rejected.",
     ),
     Option(
         "unknown_fields",

@@ -23,27 +23,34 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from payflux.commandline import CommandError, OneLineParser
 
 def sample_event(n: int = 0, **overrides) -> dict:
-    """A valid payment_exhaust event; ``overrides`` replace fields (None removes one)."""
+    """A valid payment_exhaust event with every field of the seed's schema (docs/events.md; a
+    failed payment, as docs/sample-event.json) plus PayFlux's optional currency, failure_code and
+    processor_latency_ms; ``overrides`` replace fields (None removes one)."""
     event = {
-        "event_id": f"evt_{secrets.token_urlsafe(12)}",
         "event_type": "payment_failed",
-        "occurred_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "processor": "stripe",
+        "event_timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "event_id": str(uuid.uuid4()),
         "merchant_id_hash": f"m_{n % 50:04d}_5f2b9c1e",
         "payment_intent_id_hash": secrets.token_urlsafe(16),
-        "amount_bucket": "10-50",
-        "currency": "USD",
-        "payment_method": "card",
-        "geo_bucket": "US",
+        "processor": "stripe",
         "failure_category": "insufficient_funds",
-        "failure_code": "card_declined",
         "retry_count": 0,
+        "geo_bucket": "US",
+        "amount_bucket": "10-50",
+        "system_source": "checkout_api",
+        "payment_method_bucket": "credit_card",
+        "channel": "web",
+        "retry_result": "failed",
+        "failure_origin": "issuer",
+        "currency": "USD",
+        "failure_code": "card_declined",
         "processor_latency_ms": 230,
     }
     for key, value in overrides.items():
@@ -88,11 +95,15 @@ def _read_events(path: str) -> list:
 
 #: What generated traffic is made of with --failure-rate: the event types the risk consumer counts
 #: as outcomes by default (payflux/risk/config.py: failure_event_types, success_event_types) and
-#: the failure categories (with a matching failure_code) failures are spread over evenly, as in
-#: bench/risk.py, so failure_cluster sees four categories sharing a processor's failures.
+#: the failure categories (with a matching failure_code, and the failure_origin of FAILURE_ORIGINS)
+#: failures are spread over evenly, as in bench/risk.py, so failure_cluster sees four categories
+#: (and two origins) sharing a processor's failures.  A success carries retry_result "success" and
+#: no failure_category, failure_code or failure_origin.
 FAILED, SUCCEEDED = "payment_failed", "payment_succeeded"
 FAILURE_CATEGORIES = (("insufficient_funds", "card_declined"), ("do_not_honor", "do_not_honor"),
                       ("timeout", "processor_timeout"), ("fraud_suspected", "suspected_fraud"))
+FAILURE_ORIGINS = {"insufficient_funds": "issuer", "do_not_honor": "issuer", "timeout": "processor",
+                   "fraud_suspected": "issuer"}  # any other --failure-category: "processor"
 MAX_RATE = 1_000_000.0              # events per second
 MAX_DURATION = 86_400.0             # seconds
 MAX_BATCH = 10_000                  # events per request (the node's own cap: max_batch_events)
@@ -114,7 +125,8 @@ def _send_parser() -> argparse.ArgumentParser:
                              "with --rate: rate/10, at most 1000, i.e. ten requests a second)")
     parser.add_argument("--processor", help="processor of generated events; several, comma-separated, take "
                                             "turns (stripe,adyen,checkout)")
-    parser.add_argument("--event-type", help="event_type of generated events")
+    parser.add_argument("--event-type", help="event_type of generated events (payment_succeeded: without "
+                                             "the failure fields, retry_result success)")
     parser.add_argument("--failure-category", help="failure_category of generated events (of the failures, "
                                                    "with --failure-rate)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
@@ -178,12 +190,28 @@ def _check_send_options(args: argparse.Namespace) -> None:
         raise _usage(f"--rate x --duration must be at most {MAX_EVENTS} events")
 
 
+def _failure_fields(category: str) -> dict:
+    """The failure fields of a generated failure in ``category``."""
+    return dict(failure_category=category, failure_code=dict(FAILURE_CATEGORIES).get(category, "card_declined"),
+                failure_origin=FAILURE_ORIGINS.get(category, "processor"), retry_result="failed")
+
+
+#: The fields of a generated success: no failure fields (absent), the attempt succeeded.
+SUCCESS_FIELDS = dict(failure_category=None, failure_code=None, failure_origin=None, retry_result="success")
+
+
 def _generated_events(args: argparse.Namespace, total: int, rng: random.Random) -> Iterator[dict]:
-    """``total`` sample events shaped by the options (processors take turns, merchants and failures random)."""
+    """``total`` sample events shaped by the options (processors take turns, merchants and failures
+    random).  ``--event-type payment_succeeded`` makes successes (no failure fields), as the
+    successes of --failure-rate; any other --event-type keeps the failure fields."""
     processors = args.processor.split(",") if args.processor else None
-    fixed = {k: v for k, v in (("event_type", args.event_type), ("failure_category", args.failure_category))
-             if v is not None}
-    codes = dict(FAILURE_CATEGORIES)
+    fixed: dict = {}
+    if args.failure_category is not None:
+        fixed.update(_failure_fields(args.failure_category))
+    if args.event_type is not None:
+        fixed["event_type"] = args.event_type
+        if args.event_type == SUCCEEDED:
+            fixed.update(SUCCESS_FIELDS)
     for n in range(total):
         overrides = dict(fixed)
         if processors:
@@ -192,11 +220,10 @@ def _generated_events(args: argparse.Namespace, total: int, rng: random.Random) 
             overrides["merchant_id_hash"] = f"m_{rng.randrange(args.merchants):04d}_5f2b9c1e"
         if args.failure_rate is not None:
             if rng.random() < args.failure_rate:
-                category = args.failure_category or rng.choice(FAILURE_CATEGORIES)[0]
-                overrides.update(event_type=FAILED, failure_category=category,
-                                 failure_code=codes.get(category, "card_declined"))
+                overrides.update(event_type=FAILED,
+                                 **_failure_fields(args.failure_category or rng.choice(FAILURE_CATEGORIES)[0]))
             else:
-                overrides.update(event_type=SUCCEEDED, failure_category=None, failure_code=None)
+                overrides.update(event_type=SUCCEEDED, **SUCCESS_FIELDS)
         yield sample_event(n, **overrides)
 
 

@@ -9,18 +9,25 @@ import os
 import subprocess
 import tempfile
 import urllib.error
+import uuid
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from payflux.cli import main
-from payflux.send import FAILURE_CATEGORIES, _send, sample_event, send_paced
+from payflux.send import FAILURE_CATEGORIES, FAILURE_ORIGINS, _send, sample_event, send_paced
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.risk.config import parse_options
 from tests.support.node import API_SECRET, start_node
 from tests.support.process import PAYFLUX, clean_env
 from tests.support.redis import redis_test_cases
+
+
+#: The seed's 15 fields (docs/events.md), every one in a generated event.
+SEED_FIELDS = ("event_type", "event_timestamp", "event_id", "merchant_id_hash", "payment_intent_id_hash", "processor",
+               "failure_category", "retry_count", "geo_bucket", "amount_bucket", "system_source",
+               "payment_method_bucket", "channel", "retry_result", "failure_origin")
 
 
 def _run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -46,6 +53,9 @@ class SendMixin:
         self.assertEqual(len(entries), 8)
         first = json.loads(dict(zip(entries[0][1][::2], entries[0][1][1::2]))[b"data"])
         self.assertEqual((first["processor"], first["event_type"]), ("adyen", "payment_retried"))
+        self.assertRegex(first["event_timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertEqual((first["payment_method_bucket"], first["retry_result"]), ("credit_card", "failed"))
+        self.assertFalse({"occurred_at", "payment_method"} & set(first))
 
     @inlineCallbacks
     def test_send_file_and_failures(self):
@@ -230,7 +240,18 @@ class SendTrafficTests(unittest.TestCase):
         codes = dict(FAILURE_CATEGORIES)
         self.assertEqual({e["failure_category"] for e in failed}, set(codes))
         self.assertTrue(all(e["failure_code"] == codes[e["failure_category"]] for e in failed))
-        self.assertFalse([e for e in succeeded if "failure_category" in e or "failure_code" in e])
+        self.assertTrue(all(e["failure_origin"] == FAILURE_ORIGINS[e["failure_category"]] for e in failed))
+        self.assertEqual({e["retry_result"] for e in failed}, {"failed"})
+        self.assertEqual({e["retry_result"] for e in succeeded}, {"success"})
+        self.assertFalse([e for e in succeeded if {"failure_category", "failure_code", "failure_origin"} & set(e)])
+        # seed-shaped: every field of the seed's schema (a success has no failure fields), UUID event ids
+        for e in failed[:10] + succeeded[:10]:
+            missing = set(SEED_FIELDS) - set(e)
+            failure_fields = {"failure_category", "failure_origin"}
+            self.assertEqual(missing, set() if e["event_type"] == "payment_failed" else failure_fields)
+            self.assertEqual(str(uuid.UUID(e["event_id"])), e["event_id"])
+            self.assertNotIn("occurred_at", e)
+            self.assertNotIn("payment_method", e)
         self.assertEqual(len({e["merchant_id_hash"] for e in events}), 7)
         self.assertEqual([e["processor"] for e in events[:4]], ["stripe", "adyen", "checkout", "stripe"])
         self.assertEqual(EventValidator(ValidationPolicy()).validate_batch(events[:1000])[1], [])
@@ -244,7 +265,18 @@ class SendTrafficTests(unittest.TestCase):
                                   "--failure-category", "timeout", "--seed", "1", "--quiet")
         failed = [e for e in node.events() if e["event_type"] == "payment_failed"]
         self.assertTrue(failed)
-        self.assertEqual({(e["failure_category"], e["failure_code"]) for e in failed}, {("timeout", "processor_timeout")})
+        self.assertEqual({(e["failure_category"], e["failure_code"], e["failure_origin"]) for e in failed},
+                         {("timeout", "processor_timeout", "processor")})
+
+    def test_generated_events_of_one_type(self):
+        _, node, _, _ = self.send("--count", "3", "--event-type", "payment_succeeded", "--quiet")
+        self.assertEqual({(e["event_type"], e["retry_result"]) for e in node.events()},
+                         {("payment_succeeded", "success")})
+        self.assertFalse([e for e in node.events() if {"failure_category", "failure_code", "failure_origin"} & set(e)])
+        _, node, _, _ = self.send("--count", "3", "--event-type", "payment_retried", "--failure-category",
+                                  "do_not_honor", "--quiet")
+        self.assertEqual({(e["event_type"], e["failure_category"], e["failure_origin"], e["retry_result"])
+                          for e in node.events()}, {("payment_retried", "do_not_honor", "issuer", "failed")})
 
     def test_any_non_2xx_exits_1_and_each_error_is_printed_once(self):
         rc, node, out, err = self.send("--rate", "100", "--count", "50", "--batch-size", "10",

@@ -115,7 +115,7 @@ def spike_events(t0: int) -> list[tuple[int, dict]]:
             out.append((t0 + second * 1000 + j * 20, {
                 "event_id": f"evt_spike_{second}_{j}",
                 "event_type": "payment_failed" if failed else "payment_succeeded",
-                "occurred_at": "2026-01-01T00:00:00.000Z", "processor": "stripe",
+                "event_timestamp": "2026-01-01T00:00:00.000Z", "processor": "stripe",
                 "merchant_id_hash": f"mer_{rng.randrange(50):04d}", "payment_intent_id_hash": f"pi_{second}_{j}",
                 "retry_count": 0,
             }))

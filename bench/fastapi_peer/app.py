@@ -12,6 +12,13 @@ work per request:
 * checks in the contract's order: 401 -> 413 (1 MiB, enforced while reading) -> 415 ->
   400 (malformed JSON) -> 422 (pydantic field errors, PAN guard) -> 409 (same event_id,
   different payload) -> 503 (Redis unavailable) -> 202
+* the event schema of docs/events.md (the Go seed's 15 fields plus PayFlux's 4 optional
+  ones, the same character rules): ``event_type``, ``event_timestamp``, ``event_id`` and
+  ``processor`` required; ``""`` or null is an absent field; ``processor`` stored lower case
+  and ``currency`` upper case; ``event_timestamp`` stored as canonical UTC milliseconds
+  (``...T..:..:...mmmZ``); the deprecated input names ``occurred_at`` and ``payment_method``
+  accepted and stored under the seed's names; unknown fields dropped (PayFlux's default
+  ``unknown_fields = "drop"``)
 * one Lua call (EVALSHA via ``redis.asyncio`` ``Script``) per request or per batch that
   dedupes on ``event_id`` and XADDs; conflicts are checked for the whole batch before
   anything is written.
@@ -27,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -38,6 +44,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import (
+    AliasChoices,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -45,9 +52,16 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
+
+# PayFlux's own PAN guard (payflux/pan.py, docs/events.md "PAN guard"): pure Python, stdlib
+# only, importable because the peer runs from the repository root (run.sh, bench/run.py), so
+# both sides accept and reject exactly the same strings (hex digests, UUIDs) at the same cost.
+# (It used to be a copy of the rule; a copy drifts whenever the rule changes.)
+from payflux.pan import contains_pan
 
 MAX_BODY = 1024 * 1024
 MAX_BATCH = int(os.environ.get("PEER_MAX_BATCH", "1000"))
@@ -62,64 +76,83 @@ SEEN_PREFIX = f"{PREFIX}:{{0}}:seen:"
 
 # --------------------------------------------------------------------------- schema
 
-Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-Hash = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,128}$")]
-
-# Same rule as PayFlux's guard: a run is digits optionally separated by single spaces or
-# dashes ("4111 1111-1111 1111"); every 13..19-digit window of a run is Luhn-checked.
-_DIGIT_RUN = re.compile(r"[0-9](?:[ -]?[0-9]){12,}")
-_SEPARATORS = str.maketrans("", "", " -")
+# The character rules of payflux/events.py (STRING_FIELDS).
+_LABEL = "A-Za-z0-9._:/+<>=,()-"
 
 
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+def _label(cap: int) -> Any:
+    """A free-form label: no @, quotes, backslashes or control characters; inner spaces."""
+    return Annotated[str, Field(pattern=f"^[{_LABEL}][ {_LABEL}]{{0,{cap - 1}}}$")]
 
 
-def contains_pan(value: str) -> bool:
-    """True when ``value`` holds a 13-19 digit window, inside a digit run, passing Luhn."""
-    for m in _DIGIT_RUN.finditer(value):
-        digits = m.group().translate(_SEPARATORS)
-        n = len(digits)
-        for start in range(n - 12):
-            for length in range(13, min(19, n - start) + 1):
-                if _luhn_ok(digits[start:start + length]):
-                    return True
-    return False
+Hash = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:=+/-]{1,128}$")]
+Label64, Label128 = _label(64), _label(128)
+
+_OPTIONAL_STRINGS = (
+    "merchant_id_hash", "payment_intent_id_hash", "failure_category", "geo_bucket", "amount_bucket",
+    "system_source", "payment_method_bucket", "channel", "retry_result", "failure_origin",
+    "customer_id_hash", "currency", "failure_code",
+)
 
 
 class PaymentExhaustEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="ignore": unknown fields are dropped, as PayFlux's default unknown_fields = "drop"
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    event_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
-    event_type: Slug
-    occurred_at: AwareDatetime
-    processor: Slug
-    merchant_id_hash: Hash
-    payment_intent_id_hash: Hash
-    customer_id_hash: Optional[Hash] = None
-    amount_bucket: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._+-]{1,32}$")]] = None
-    currency: Optional[Annotated[str, Field(pattern=r"^[A-Z]{3}$")]] = None
-    payment_method: Optional[Slug] = None
-    geo_bucket: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9_:-]{1,32}$")]] = None
-    failure_category: Optional[Slug] = None
-    failure_code: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]] = None
+    # the seed's 15 fields, in the seed's order
+    event_type: Label128
+    event_timestamp: AwareDatetime = Field(validation_alias=AliasChoices("event_timestamp", "occurred_at"))
+    event_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:{}-]{1,128}$")]
+    merchant_id_hash: Optional[Hash] = None
+    payment_intent_id_hash: Optional[Hash] = None
+    processor: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+    failure_category: Optional[Label128] = None
     retry_count: Annotated[StrictInt, Field(ge=0, le=1000)] = 0
+    geo_bucket: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9_:-]{1,32}$")]] = None
+    amount_bucket: Optional[Label64] = None
+    system_source: Optional[Label128] = None
+    payment_method_bucket: Optional[Label64] = Field(
+        None, validation_alias=AliasChoices("payment_method_bucket", "payment_method"))
+    channel: Optional[Label64] = None
+    retry_result: Optional[Label64] = None
+    failure_origin: Optional[Label64] = None
+    # PayFlux's additions
+    customer_id_hash: Optional[Hash] = None
+    currency: Optional[Annotated[str, Field(pattern=r"^[A-Z]{3}$")]] = None
+    failure_code: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]] = None
     processor_latency_ms: Optional[Annotated[StrictInt, Field(ge=0, le=600000)]] = None
 
-    @field_validator("occurred_at")
+    @field_validator(*_OPTIONAL_STRINGS, mode="before")
+    @classmethod
+    def _empty_is_absent(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("retry_count", mode="before")
+    @classmethod
+    def _retry_default(cls, v: Any) -> Any:
+        return 0 if v is None else v
+
+    @field_validator("processor", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) and v.isascii() else v
+
+    @field_validator("currency", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) and v.isascii() else v
+
+    @field_validator("event_timestamp")
     @classmethod
     def _not_in_future(cls, v: datetime) -> datetime:
         if v - datetime.now(timezone.utc) > FUTURE_SKEW:
-            raise ValueError("occurred_at is more than 300 s in the future")
+            raise ValueError("event_timestamp is more than 300 s in the future")
         return v
+
+    @field_serializer("event_timestamp")
+    def _canonical_timestamp(self, v: datetime) -> str:
+        u = v.astimezone(timezone.utc)
+        return f"{u:%Y-%m-%dT%H:%M:%S}.{u.microsecond // 1000:03d}Z"
 
     @model_validator(mode="after")
     def _pan_guard(self) -> "PaymentExhaustEvent":

@@ -3,7 +3,8 @@
 -- Environment (set by bench/run.py):
 --   BENCH_API_KEY      bearer secret (required)
 --   BENCH_NONCE        unique per wrk invocation, so event_ids never repeat across phases
---   BENCH_OCCURRED_AT  RFC3339 timestamp used as occurred_at (default: now, UTC)
+--   BENCH_EVENT_TIMESTAMP  RFC3339 timestamp used as event_timestamp (default: now, UTC;
+--                      BENCH_OCCURRED_AT, its name before the seed schema, is read too)
 --   BENCH_BATCH_SIZE   events per batch request (batch.lua only, default 500)
 --
 -- Every thread counts response status codes and the events the server says it accepted;
@@ -14,13 +15,19 @@ local M = {}
 
 M.api_key = os.getenv("BENCH_API_KEY") or error("BENCH_API_KEY is not set")
 M.nonce = os.getenv("BENCH_NONCE") or tostring(os.time())
-M.occurred_at = os.getenv("BENCH_OCCURRED_AT") or os.date("!%Y-%m-%dT%H:%M:%SZ")
+M.event_timestamp = os.getenv("BENCH_EVENT_TIMESTAMP") or os.getenv("BENCH_OCCURRED_AT")
+  or os.date("!%Y-%m-%dT%H:%M:%SZ")
 
-local event_types = {"payment_failed", "payment_retried", "payment_succeeded", "payment_declined"}
+local event_types = {"payment_failed", "payment_intent.payment_failed", "payment_retried", "charge.failed"}
 local processors = {"stripe", "adyen", "braintree", "checkout_com"}
-local failures = {"insufficient_funds", "do_not_honor", "expired_card", "processing_error"}
+local failures = {"insufficient_funds", "do_not_honor", "expired_card", "processor_timeout"}
 local geos = {"US:CA", "DE:BE", "GB:LDN", "BR:SP", "IN:MH"}
-local buckets = {"0-10", "10-50", "50-100", "100-500", "500+"}
+local buckets = {"0-10", "10-50", "50-200", "200-500", "500+"}
+local sources = {"checkout_api", "mobile_sdk", "subscriptions"}
+local methods = {"credit_card", "debit_card", "wallet", "bank_transfer"}
+local channels = {"web", "ios", "android", "pos"}
+local results = {"failed", "fail", "declined", "failed"}
+local origins = {"processor", "network", "issuer", "merchant"}
 
 -- An opaque hash-like token: letters and digits alternate, so it never contains a long
 -- digit run (an all-digit run of 13+ could trip the server's PAN/Luhn guard).
@@ -39,23 +46,28 @@ local function token(seed, len)
   return table.concat(out)
 end
 
--- All 15 fields, so the server does the full validation work on every event.
--- Returns the JSON text before and after the event_id value.
+-- All 19 fields (the seed's 15 and PayFlux's 4; docs/events.md), so the server does the full
+-- validation work on every event. Returns the JSON text before and after the event_id value.
 function M.event_parts(i)
   local function pick(t) return t[(i % #t) + 1] end
   local before = '{"event_id":"'
   local after = '","event_type":"' .. pick(event_types) ..
-    '","occurred_at":"' .. M.occurred_at ..
-    '","processor":"' .. pick(processors) ..
+    '","event_timestamp":"' .. M.event_timestamp ..
     '","merchant_id_hash":"m_' .. token(i % 97 + 1, 22) ..
     '","payment_intent_id_hash":"pi_' .. token(i * 7919 + 3, 30) ..
-    '","customer_id_hash":"cus_' .. token(i * 104729 + 5, 26) ..
-    '","amount_bucket":"' .. pick(buckets) ..
-    '","currency":"USD","payment_method":"card","geo_bucket":"' .. pick(geos) ..
+    '","processor":"' .. pick(processors) ..
     '","failure_category":"' .. pick(failures) ..
-    '","failure_code":"card_declined:' .. (i % 50) ..
     '","retry_count":' .. (i % 4) ..
-    ',"processor_latency_ms":' .. (37 + (i * 13) % 900) .. '}'
+    ',"geo_bucket":"' .. pick(geos) ..
+    '","amount_bucket":"' .. pick(buckets) ..
+    '","system_source":"' .. pick(sources) ..
+    '","payment_method_bucket":"' .. pick(methods) ..
+    '","channel":"' .. pick(channels) ..
+    '","retry_result":"' .. pick(results) ..
+    '","failure_origin":"' .. pick(origins) ..
+    '","customer_id_hash":"cus_' .. token(i * 104729 + 5, 26) ..
+    '","currency":"USD","failure_code":"card_declined:' .. (i % 50) ..
+    '","processor_latency_ms":' .. (37 + (i * 13) % 900) .. '}'
   return before, after
 end
 

@@ -90,7 +90,7 @@ async def append_events(redis_url: str, keys: StreamKeys, partitions: int, event
             prepared = []
             for event in events[b:b + chunk]:
                 canonical = canonical_json(event)
-                prepared.append(PreparedEvent(event["event_id"], event["merchant_id_hash"], event["event_type"],
+                prepared.append(PreparedEvent(event["event_id"], event.get("merchant_id_hash", ""), event["event_type"],
                                               canonical, fingerprint_of(canonical)))
             await writer.append(prepared, received_at_ms + b)
     finally:
