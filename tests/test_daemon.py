@@ -11,25 +11,16 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD, clean_env, kill_embedded_redis
+from tests.support.process import TWISTD, clean_env, http_request, kill_embedded_redis
 
 from tests.support.redis import free_port, sync_command_at
 
 SECRET = "daemon-test-secret-0123456789"
 
 
-def _request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 class DaemonTests(SynchronousTestCase):
@@ -63,7 +54,7 @@ class DaemonTests(SynchronousTestCase):
         while time.monotonic() < deadline:
             self.assertIsNone(proc.poll(), self.log_text(len(self.procs) - 1))
             try:
-                status, _ = _request(f"http://127.0.0.1:{self.port}/ready")
+                status, _ = http_request(f"http://127.0.0.1:{self.port}/ready")
                 if status == 200:
                     return proc
             except OSError:
@@ -94,7 +85,7 @@ class DaemonTests(SynchronousTestCase):
         return time.monotonic() - started
 
     def post(self, event: dict) -> tuple[int, dict]:
-        status, body = _request(
+        status, body = http_request(
             f"http://127.0.0.1:{self.port}/v1/events/payment_exhaust",
             json.dumps(event).encode(),
             {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"},

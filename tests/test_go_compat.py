@@ -19,14 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD, clean_env, kill_embedded_redis
+from tests.support.process import TWISTD, clean_env, http_request, reap_supervisor
 from tests.support.redis import RedisProcess, find_redis_binaries, free_port, sync_command_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,12 +43,8 @@ def _post(url: str, body: bytes, content_type: str = "application/json", key: st
     headers = {"Content-Type": content_type}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, raw = http_request(url, body, headers, timeout=30)
+    return status, json.loads(raw)
 
 
 def seed_shaped_events(n: int, seed: int = 11) -> list[dict]:
@@ -83,21 +78,12 @@ class GoCompatTests(SynchronousTestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="payflux-gocompat-")
         self.data_dir = os.path.join(self.dir, "data")
-        self.procs: list[subprocess.Popen] = []
-        self.addCleanup(self._reap)
-
-    def _reap(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        kill_embedded_redis(self.data_dir)
 
     def spawn(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
         log = open(os.path.join(self.dir, f"{name}.log"), "wb")
         self.addCleanup(log.close)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env)
-        self.procs.append(proc)
+        self.addCleanup(reap_supervisor, proc, self.data_dir)
         return proc
 
     def log(self, name: str) -> str:

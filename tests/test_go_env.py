@@ -15,7 +15,6 @@ import subprocess
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import reactor
@@ -27,7 +26,7 @@ from payflux.config import ConfigError, _endpoint, load_settings
 from payflux.goenv import GO_ONLY, MAPPED, GoEnvError, key_id_for, log_go_env
 from payflux.ingest.auth import Authenticator
 from payflux.ingest.errors import ApiError
-from tests.support.process import TWISTD
+from tests.support.process import TWISTD, clean_env, http_request
 from tests.support.redis import RedisProcess, find_redis_binaries, free_port, sync_command_at
 
 SECRET = "go-style-secret-0123456789abcdef"
@@ -440,13 +439,6 @@ class StartupLogTests(SynchronousTestCase):
         self.assertEqual(logs, [])
 
 
-def _request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 class GoEnvironmentDaemonTests(SynchronousTestCase):
@@ -462,8 +454,7 @@ class GoEnvironmentDaemonTests(SynchronousTestCase):
 
     def start(self, **go_env: str):
         port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("PAYFLUX_") and k not in MAPPED and k not in GO_ONLY}
+        env = clean_env()
         env.update({"REDIS_ADDR": f"127.0.0.1:{self.redis.port}", "HTTP_ADDR": f"127.0.0.1:{port}",
                     "PAYFLUX_API_KEY": SECRET, "PAYFLUX_ENV": "dev", "STRIPE_API_KEY": "sk_test_not_used_here",
                     **go_env})
@@ -479,7 +470,7 @@ class GoEnvironmentDaemonTests(SynchronousTestCase):
         while time.monotonic() < deadline:
             self.assertIsNone(proc.poll(), self.log_text())
             try:
-                if _request(base + "/ready")[0] == 200:
+                if http_request(base + "/ready")[0] == 200:
                     return base
             except OSError:
                 pass
@@ -491,7 +482,7 @@ class GoEnvironmentDaemonTests(SynchronousTestCase):
             return f.read().decode("utf-8", "replace")
 
     def post(self, base: str, secret: str, event: dict) -> tuple[int, bytes]:
-        return _request(base + "/v1/events/payment_exhaust", json.dumps(event).encode(),
+        return http_request(base + "/v1/events/payment_exhaust", json.dumps(event).encode(),
                         {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"})
 
     def test_go_environment_ingests_into_the_go_redis(self):

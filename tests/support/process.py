@@ -3,6 +3,8 @@
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 
 from payflux.goenv import GO_ONLY, MAPPED
 
@@ -20,6 +22,17 @@ def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYFLUX_") and k not in GO_VARIABLES}
     env.update(extra)
     return env
+
+
+def http_request(url: str, body: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 5.0) -> tuple[int, bytes]:
+    """``(status, body)`` of a GET (or a POST when ``body`` is given) to a node under test."""
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def kill_embedded_redis(data_dir: str) -> None:
