@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import reactor
