@@ -457,6 +457,15 @@ class IngestMixin:
         self.assertEqual(sum(lengths), 40)
         self.assertGreater(sum(1 for n in lengths if n), 1)
 
+    @inlineCallbacks
+    def test_event_without_merchant_goes_to_partition_zero(self):
+        """crc32("") % N = 0: the documented partition of an event with no merchant_id_hash."""
+        node = yield self.node(partitions="4")
+        response = yield node.post(SINGLE, sample_event(merchant_id_hash=None))
+        self.assertEqual(response.code, 202)
+        self.assertEqual([self.redis.sync_command("XLEN", f"payflux:{{{p}}}:events") for p in range(4)],
+                         [1, 0, 0, 0])
+
 
 def deferToThreadRaw(port: int, data: bytes):
     from twisted.internet.threads import deferToThread
