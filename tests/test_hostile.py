@@ -21,11 +21,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.interfaces import IHalfCloseableDescriptor
+from twisted.internet.task import Clock, LoopingCall, deferLater
+from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from payflux.cli import sample_event
+from payflux.ingest.http import LINGER_BYTES, LINGER_SECONDS, IngestSite
 from tests.support.node import API_SECRET, read_json, start_node
 from tests.support.redis import redis_test_cases
 
@@ -356,16 +362,306 @@ class HostileMixin:
     @inlineCallbacks
     def test_nul_and_garbage_in_the_head_are_400_and_closed(self):
         node = yield self.node()
-        for data in (b"POST /v1/events/payment_exhaust\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
-                     self.head(content_type="application/json\x00", Content_Length=2) + b"{}",
-                     self.head(X_Nul="a\x00b", Content_Length=2) + b"{}",
-                     b"\x00\x01\x02\x03\r\n\r\n",
-                     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"):
+        for data, code in ((b"POST /v1/events/payment_exhaust\x00 HTTP/1.1\r\nHost: x\r\n\r\n", "bad_request"),
+                           (self.head(content_type="application/json\x00", Content_Length=2) + b"{}", "bad_request"),
+                           (self.head(X_Nul="a\x00b", Content_Length=2) + b"{}", "bad_request"),
+                           (b"\x00\x01\x02\x03\r\n\r\n", "bad_request"),
+                           (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+                            "bad_content_length")):
             response, seconds, _ = yield self.raw(data)
             self.assertEqual(_status(response), 400, (data, response[:200]))
+            self.assertEqual(_json_body(response)["error"], code, data)
             self.assertLess(seconds, 3.0)
         self.assertEqual(self.xlen(), 0)
         yield self.assertResponsive(node)
 
+    # --- HTTP framing edges ---
+
+    @inlineCallbacks
+    def test_malformed_framing_is_a_json_400_naming_the_fault(self):
+        """
+        Every 400 twisted.web alone answers with an empty body (bad, repeated or conflicting
+        Content-Length / Transfer-Encoding, a bad chunk, a bad request line or header line) is
+        JSON with a code naming the fault, closed, fast, echoes nothing and writes nothing; a
+        Content-Length of 5000 digits (twisted.web alone: a traceback, no answer) is a 413.
+        """
+        node = yield self.node()
+        auth = f"Authorization: Bearer {API_SECRET}\r\n"
+        chunked = self.head(Transfer_Encoding="chunked")
+        cases = [
+            ("bad Content-Length", self.head(Content_Length="12abc") + b"{}", 400, "bad_content_length"),
+            ("negative Content-Length", self.head(Content_Length="-2") + b"{}", 400, "bad_content_length"),
+            ("two Content-Lengths", self.head(extra="Content-Length: 2\r\nContent-Length: 2\r\n") + b"{}",
+             400, "bad_content_length"),
+            ("Content-Length, then chunked", self.head(Content_Length=2, Transfer_Encoding="chunked") + b"{}",
+             400, "bad_framing"),
+            ("chunked, then Content-Length", self.head(Transfer_Encoding="chunked", Content_Length=2) + b"{}",
+             400, "bad_framing"),
+            ("gzip coding", self.head(Transfer_Encoding="gzip, chunked") + b"{}", 400, "bad_transfer_encoding"),
+            ("bad chunk size", chunked + b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad_chunk"),
+            ("bad chunk extension", chunked + b"2;secret\x01value\r\n{}\r\n0\r\n\r\n", 400, "bad_chunk"),
+            ("chunk without CRLF", chunked + b"2\r\n{}XX0\r\n\r\n", 400, "bad_chunk"),
+            ("bad request line", b"GARBAGE\r\n\r\n", 400, "bad_request"),
+            ("header without colon", f"POST {SINGLE} HTTP/1.1\r\n{auth}secret value\r\n\r\n".encode(),
+             400, "bad_request"),
+            ("5000-digit Content-Length", self.head(Content_Length="9" * 5000), 413, "payload_too_large"),
+        ]
+        slowest = 0.0
+        for name, data, status, code in cases:
+            response, seconds, _ = yield self.raw(data)
+            slowest = max(slowest, seconds)
+            self.assertEqual(_status(response), status, (name, response[:300]))
+            self.assertEqual(_json_body(response)["error"], code, name)
+            self.assertIn(b"Content-Type: application/json\r\n", response, name)
+            self.assertIn(b"Connection: close\r\n", response, name)
+            self.assertNotIn(b"secret", response, name)  # no input echoed
+            self.assertLess(seconds, 3.0, name)
+        metrics = node.metrics.render().decode()
+        self.assertIn('payflux_requests_rejected_total{key_id="-",reason="bad_chunk"} 3.0', metrics)
+        self.assertEqual(self.xlen(), 0)
+        yield self.assertResponsive(node)
+        print(f"\nmalformed framing: {len(cases)} cases, slowest JSON answer {slowest * 1000:.0f} ms")
+
+    @inlineCallbacks
+    def test_401_429_503_are_answered_at_the_end_of_the_head(self):
+        """
+        A caller refused by preflight that declares a 1000-byte body and sends none of it is
+        answered as soon as its head is in (twisted.web alone waited for the body: 60 s), with
+        no ``100 Continue``, and nothing is written.
+        """
+        node = yield self.node(rate_limit="0.01", rate_burst="1")
+        key_line = f"Authorization: Bearer {API_SECRET}\r\n".encode()
+        no_key = self.head(Content_Length=1000).replace(key_line, b"")
+        cases = [
+            ("no key", no_key, 401, "unauthorized"),
+            ("wrong key", self.head(Content_Length=1000).replace(API_SECRET.encode(), b"wrong-secret-0123456789"),
+             401, "unauthorized"),
+            ("key in the query", self.head(SINGLE + "?api_key=x", Content_Length=1000), 401, "unauthorized"),
+            ("no key, Expect: 100-continue",
+             self.head(BATCH, "application/x-ndjson", extra="Expect: 100-continue\r\n", Content_Length=1000)
+             .replace(key_line, b""), 401, "unauthorized"),
+            ("no key, chunked", self.head(Transfer_Encoding="chunked").replace(key_line, b""), 401, "unauthorized"),
+        ]
+        for name, data, status, code in cases:
+            response, seconds, _ = yield self.raw(data)
+            self.assertEqual(_status(response), status, (name, response[:300]))
+            self.assertEqual(_json_body(response)["error"], code, name)
+            self.assertIn(b'WWW-Authenticate: Bearer realm="payflux"\r\n', response, name)
+            self.assertNotIn(b"100 Continue", response, name)
+            self.assertLess(seconds, 1.0, name)  # not the 60 s idle timeout
+        yield self.assertResponsive(node)  # spends the only token
+        response, seconds, _ = yield self.raw(self.head(Content_Length=1000))
+        self.assertEqual((_status(response), _json_body(response)["error"]), (429, "rate_limited"), response[:300])
+        self.assertIn(b"Retry-After: ", response)
+        self.assertLess(seconds, 1.0)
+        yield node.app.start_draining()
+        response, seconds, _ = yield self.raw(self.head(Content_Length=1000))
+        self.assertEqual((_status(response), _json_body(response)["error"]), (503, "draining"), response[:300])
+        self.assertLess(seconds, 1.0)
+        self.assertEqual(self.xlen(), 1)
+
+    @inlineCallbacks
+    def test_two_authorization_headers_are_400(self):
+        """Two Authorization headers are ambiguous (twisted.web alone: the last one wins), in either order."""
+        node = yield self.node()
+        body = json.dumps(sample_event()).encode()
+        good = f"Authorization: Bearer {API_SECRET}\r\n"
+        bad = "Authorization: Bearer wrong-secret-0123456789\r\n"
+        for extra in (bad, good):  # the good key first, then a wrong one / the good key twice
+            response, _, _ = yield self.raw(self.head(extra=extra, Content_Length=len(body)) + body)
+            self.assertEqual(_status(response), 400, response[:300])
+            self.assertEqual(_json_body(response)["error"], "duplicate_authorization")
+        data = self.head(Content_Length=len(body)).replace(good.encode(), (bad + good).encode()) + body
+        response, _, _ = yield self.raw(data)  # a wrong key first, then the good one
+        self.assertEqual(_status(response), 400, response[:300])
+        self.assertEqual(self.xlen(), 0)
+        yield self.assertResponsive(node)
+
+    @inlineCallbacks
+    def test_chunk_size_over_the_cap_is_413_before_its_data(self):
+        """
+        A chunk announcing more than the cap leaves is answered 413 as soon as its size line is
+        in (twisted.web alone waited for the data: 60 s); chunks within the cap are accepted.
+        """
+        yield self.node()
+        head = self.head(Transfer_Encoding="chunked")
+        half = b"8000\r\n" + b" " * 0x8000 + b"\r\n"  # 32 KiB of the 64 KiB single-event cap
+        for name, data in (("one chunk of 64 KiB + 1", head + b"10001\r\n"),
+                           ("a 96-bit chunk size", head + b"ffffffffffffffffffffffff\r\n"),
+                           ("32 KiB, then 32 KiB + 1", head + half + b"8001\r\n")):
+            response, seconds, _ = yield self.raw(data)
+            self.assertEqual(_status(response), 413, (name, response[:300]))
+            self.assertEqual(_json_body(response)["error"], "payload_too_large", name)
+            self.assertLess(seconds, 1.0, name)  # not the 60 s idle timeout
+        event = json.dumps(sample_event()).encode()
+        body = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, event[:10], len(event) - 10, event[10:])
+        response, _, _ = yield self.raw(head + body)
+        self.assertEqual(_status(response), 202, response[:300])
+        self.assertEqual(self.xlen(), 1)
+
+    @inlineCallbacks
+    def test_a_refused_upload_reads_its_status(self):
+        """
+        A client writing a 5 MB body in one go against the 64 KiB cap reads the 413 (lingering
+        close) instead of failing its write with a reset/broken pipe, as http.client (and so
+        ``requests``) did 20 times out of 20 when the node closed at once.
+        """
+        import http.client
+
+        node = yield self.node()
+        big = b"x" * (5 * MB)
+
+        def upload():
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                connection.request("POST", SINGLE, body=big, headers={
+                    "Content-Type": "application/json", "Authorization": f"Bearer {API_SECRET}"})
+                response = connection.getresponse()
+                return response.status, json.loads(response.read())["error"]
+            finally:
+                connection.close()
+
+        for _ in range(3):
+            started = time.monotonic()
+            result = yield deferToThread(upload)
+            self.assertEqual(result, (413, "payload_too_large"))
+            self.assertLess(time.monotonic() - started, 3.0)
+        response, seconds, sent = yield self.raw(self.head(Content_Length=len(big)) + big)
+        self.assertEqual(sent, len(big) + len(self.head(Content_Length=len(big))))  # the write completed
+        self.assertEqual(_status(response), 413)
+        self.assertLess(seconds, 3.0)
+        self.assertEqual(self.xlen(), 0)
+        yield self.assertResponsive(node)
+
+    @inlineCallbacks
+    def test_keepalive_and_pipelining_still_work_for_good_requests(self):
+        """Three requests pipelined in one write, then a fourth: one connection, four answers."""
+        yield self.node()
+
+        def post() -> bytes:
+            body = json.dumps(sample_event()).encode()  # a new event_id each time
+            return self.head(Content_Length=len(body)).replace(b"Connection: close\r\n", b"") + body
+
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        def exchange():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                s.sendall(post() + health + post())
+                first = _read_responses(s, 3)
+                s.sendall(health)
+                return first + _read_responses(s, 1)
+
+        responses = yield deferToThread(exchange)
+        self.assertEqual([_status(r) for r in responses], [202, 200, 202, 200])
+        self.assertEqual(self.xlen(), 2)
+
+
+def _read_responses(s: socket.socket, n: int) -> list[bytes]:
+    """Read ``n`` responses (each with a Content-Length or a chunked body) from ``s``."""
+    buffer, responses = b"", []
+    while len(responses) < n:
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buffer[:head_end].lower()
+            if b"\r\ncontent-length: " in head:
+                end = head_end + 4 + int(head.split(b"\r\ncontent-length: ", 1)[1].split(b"\r\n", 1)[0])
+            else:  # chunked: up to the last chunk (the bodies here hold no "0\r\n\r\n")
+                last = buffer.find(b"\r\n0\r\n\r\n", head_end)
+                end = last + 7 if last >= 0 else len(buffer) + 1
+            if len(buffer) >= end:
+                responses.append(buffer[:end])
+                buffer = buffer[end:]
+                continue
+        part = s.recv(65536)
+        if not part:
+            raise AssertionError(f"closed after {len(responses)} responses")
+        buffer += part
+    return responses
+
 
 redis_test_cases(HostileMixin, globals(), versions=("7",))
+
+
+@implementer(IHalfCloseableDescriptor)
+class _HalfCloseTransport(StringTransportWithDisconnection):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+class LingeringCloseTests(SynchronousTestCase):
+    """The lingering close after an early answer, on a clock: bounded in time and in bytes."""
+
+    def connect(self, transport=None):
+        self.clock = Clock()
+        self.rejected = []
+        site = IngestSite(Resource(), body_limit=lambda path: 100, preflight=lambda request: None,
+                          on_early_reject=lambda request, error: self.rejected.append((request, error.code)))
+        protocol = site.buildProtocol(None)
+        protocol.callLater = self.clock.callLater
+        transport = transport or _HalfCloseTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_write_side_shut_input_discarded_closed_after_linger_seconds(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 500)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value()[:100])
+        self.assertIn(b'"error":"payload_too_large"', transport.value())
+        self.assertTrue(transport.write_closed)  # FIN after the answer
+        self.assertTrue(transport.connected)  # ... but still reading
+        self.assertEqual([code for _, code in self.rejected], ["payload_too_large"])
+        answer = transport.value()
+        protocol.dataReceived(b"b" * (MB) + b"GET / HTTP/1.1\r\n\r\n")  # discarded, never parsed
+        self.assertEqual(transport.value(), answer)
+        self.clock.advance(LINGER_SECONDS * 0.9)
+        self.assertTrue(transport.connected)
+        self.clock.advance(LINGER_SECONDS * 0.2)
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the abort backstop was cancelled
+
+    def test_closed_once_linger_bytes_are_discarded(self):
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"BAD\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value()[:100])
+        chunk = b"z" * MB
+        for _ in range(LINGER_BYTES // MB):
+            protocol.dataReceived(chunk)
+        self.assertTrue(transport.connected)
+        protocol.dataReceived(b"z")
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_without_half_close_still_lingers_then_closes(self):
+        """A transport without half-close (TLS): no FIN, but the same bounded read-and-discard."""
+        transport = StringTransportWithDisconnection()
+        protocol, transport = self.connect(transport)
+        protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.connected)
+        self.clock.advance(LINGER_SECONDS + 0.1)
+        self.assertFalse(transport.connected)
+
+    def test_a_client_that_never_reads_is_aborted_after_a_second_linger(self):
+        protocol, transport = self.connect(_UnflushedTransport())
+        protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        self.clock.advance(LINGER_SECONDS + 0.1)
+        self.assertTrue(transport.disconnecting and not transport.aborted)  # close asked, not done
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(transport.aborted)
+
+
+@implementer(IHalfCloseableDescriptor)
+class _UnflushedTransport(StringTransport):
+    """A transport whose answer never flushes: loseConnection never completes."""
+
+    aborted = False
+
+    def loseWriteConnection(self):
+        pass
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()

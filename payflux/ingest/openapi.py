@@ -122,7 +122,11 @@ def _error(description: str, retry_after: bool = False) -> dict:
 
 def _ingest_errors() -> dict:
     return {
-        "400": _error("Malformed JSON (invalid UTF-8, duplicate keys, NaN, too deep, bad NDJSON line)."),
+        "400": _error(
+            "Malformed JSON (invalid UTF-8, duplicate keys, NaN, too deep, bad NDJSON line), or a bad request"
+            " head: bad or duplicate Content-Length, Content-Length with Transfer-Encoding, bad chunk size,"
+            " two Authorization headers."
+        ),
         "401": _error("Missing, unknown or revoked API key."),
         "409": _error("event_id already used with a different payload; nothing was written."),
         "413": _error("Body larger than the configured cap (checked while reading)."),
