@@ -12,6 +12,12 @@ Assembles one PayFlux node: a MultiService holding, in start order,
 :class:`Node` stops children one at a time in reverse order, so on SIGTERM the node first stops
 its samplers and consumers (in-flight handlers finish and are acked), then drains ingest, then
 closes its listeners, then its Redis connections, and stops the embedded Redis last.
+
+Every step of that stop is bounded, whatever state Redis is in (never reachable, paused, gone):
+consumers and in-flight appends get ``shutdown_grace`` from the SIGTERM, the other steps a
+fraction of a second each, the whole stop at most ``shutdown_grace`` + :data:`STOP_MARGIN`; a
+step still busy at its limit is abandoned with a warning naming it, and the stop carries on
+(:meth:`Node.stopService`).  ``/ready`` answers from :class:`RedisHealth` within ~50 ms.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import txredisapi
 from prometheus_client.core import CounterMetricFamily
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from payflux.config import Settings
 from payflux.consumers.handlers import load_handler
@@ -46,12 +53,46 @@ from payflux.ingest.http import BoundedRequest, IngestSite
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
 from payflux.observability.status import alerts_stream_key
-from payflux.streams.connection import RedisTarget, connect, parse_redis_url
+from payflux.streams.connection import ConnectionWatch, RedisTarget, close_pool, connect, parse_redis_url
 from payflux.streams.embedded import EmbeddedRedis, EmbeddedRedisError
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import StreamWriter
 
 log = Logger()
+
+#: Seconds a stop may take beyond ``shutdown_grace``: SIGTERM ends the process within
+#: ``shutdown_grace`` + 5 s whatever Redis does (the last second is the reactor's and Python's).
+STOP_MARGIN = 4.0
+#: Seconds, out of STOP_MARGIN, kept for closing the Redis pool and for the embedded Redis.
+POOL_CLOSE_LIMIT = 1.0
+EMBEDDED_RESERVE = 1.0
+#: Seconds a step that drains nothing (a sampler, the trimmer, a listener) gets to stop.
+SERVICE_STOP_LIMIT = 0.25
+#: Seconds past the grace period a draining step (consumer, reclaim, ingest drain) gets to settle.
+SETTLE_LIMIT = 1.5
+#: Seconds /ready waits for Redis to answer its PING.
+READY_PROBE_TIMEOUT = 0.05
+#: A PING slower than READY_PROBE_TIMEOUT still reads as ready while Redis answered something
+#: (a PING, a stream sample) within this many seconds on a connected pool: a busy machine is not
+#: a Redis outage, and a paused or unreachable Redis still reads as unavailable half a second on.
+READY_SLOW_GRACE = 0.5
+
+#: What is left behind when a step's stop is abandoned, for the log line.
+_ABANDONED = {
+    "ConsumerService": "its handler batches and read connection",
+    "ReclaimService": "a reclaim pass in progress",
+    "GroupStatsSampler": "a consumer-group sample waiting on Redis",
+    "TrimService": "a trim pass waiting on Redis",
+    "TimerService": "a stream sample waiting on Redis",
+    "DrainGuard": "in-flight appends",
+    "RedisPool": "Redis connections still closing",
+    "EmbeddedRedis": "the embedded redis-server",
+    "WorkerPool": "worker processes",
+}
+
+
+def _service_name(service) -> str:
+    return getattr(service, "name", None) or type(service).__name__
 
 
 class Node(MultiService):
@@ -59,7 +100,15 @@ class Node(MultiService):
     A MultiService that stops its children one after another, in reverse start order, each
     waiting for the previous one: MultiService's own stopService stops them all at once, which
     would close the listeners while in-flight appends are still draining.
+
+    Each wait is bounded (see :meth:`stopService`), so a stop always ends: ``grace`` is the
+    node's ``shutdown_grace``, ``clock`` the reactor its deadlines run on.
     """
+
+    def __init__(self, grace: float = 10.0, clock=None):
+        super().__init__()
+        self.grace = grace
+        self.clock = clock
 
     def privilegedStartService(self) -> None:
         """
@@ -75,17 +124,77 @@ class Node(MultiService):
 
     @inlineCallbacks
     def stopService(self):
+        """
+        Stop the children in reverse start order, each within a limit: draining steps
+        (consumers, reclaim, the ingest drain guard, a supervisor's workers) until ``grace``
+        seconds after the stop began plus SETTLE_LIMIT, other steps SERVICE_STOP_LIMIT, the pool
+        POOL_CLOSE_LIMIT, the embedded Redis what is left, all within ``grace`` + STOP_MARGIN.
+        A child that defines ``stop_within(seconds)`` is given its limit that way (it bounds its
+        own waits); any child still busy at its limit is abandoned with a warning.
+        """
         Service.stopService(self)
+        clock = self._clock()
+        began = clock.seconds()
+        work_end, hard = began + self.grace, began + self.grace + STOP_MARGIN
         for service in self:
             if isinstance(service, DrainGuard):
                 # new ingests get 503 from the first moment of the stop, not only once the
                 # consumers and samplers stopped before the guard (they may wait on Redis)
                 service.refuse_new()
         for service in reversed(list(self)):
-            try:
-                yield service.stopService()
-            except Exception:  # noqa: BLE001 - one failing child must not keep the rest running
-                log.failure("error stopping {service}", service=service)
+            limit = self._stop_limit(service, clock.seconds(), work_end, hard)
+            yield self._stop_child(service, limit, clock)
+
+    def _clock(self):
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
+        return self.clock
+
+    @staticmethod
+    def _stop_limit(service, now: float, work_end: float, hard: float) -> float:
+        """Seconds ``service`` may take to stop now (see :meth:`stopService`)."""
+        if isinstance(service, EmbeddedRedis):
+            return max(hard - now, 0.0)
+        if isinstance(service, RedisPool):
+            return max(min(POOL_CLOSE_LIMIT, hard - EMBEDDED_RESERVE - now), 0.0)
+        # what the steps after this one need: the pool, the embedded Redis, and (for a draining
+        # step) one SERVICE_STOP_LIMIT each for the listeners still to close
+        reserve = EMBEDDED_RESERVE + POOL_CLOSE_LIMIT
+        if isinstance(service, (ConsumerService, ReclaimService, DrainGuard)) or getattr(service, "drains_work", False):
+            # a step that bounds its own waits (stop_within) may settle after the grace period;
+            # one that doesn't (a reclaim pass stuck in a handler) gets the grace period only
+            settle = getattr(service, "settle_limit", SETTLE_LIMIT) if hasattr(service, "stop_within") else 0.0
+            own = max(work_end - now, 0.0) + settle
+            reserve += 2 * SERVICE_STOP_LIMIT
+        else:
+            own = SERVICE_STOP_LIMIT
+        # never 0: a listener's stopListening fires on the next reactor turn
+        return max(min(own, hard - reserve - now), 0.05)
+
+    def _stop_child(self, service, limit: float, clock) -> Deferred:
+        """Stop ``service``; fires once it stopped or ``limit`` seconds passed (then logged), never errbacks."""
+        done = Deferred()
+
+        def give_up() -> None:
+            log.warn("stopping: gave up waiting for {service} after {limit:.1f}s, abandoning {what}; "
+                     "carrying on with the stop", service=_service_name(service), limit=limit,
+                     what=_ABANDONED.get(type(service).__name__, "its stop"))
+            done.callback(None)
+
+        def finished(result) -> None:
+            if isinstance(result, Failure):
+                log.failure("error stopping {service}", result, service=_service_name(service))
+            if timer.active():
+                timer.cancel()
+                done.callback(None)
+
+        timer = clock.callLater(limit, give_up)
+        stop_within = getattr(service, "stop_within", None)
+        stopping = maybeDeferred(stop_within, limit) if stop_within is not None else maybeDeferred(service.stopService)
+        stopping.addBoth(finished)
+        return done
 
 
 class RedisPool(Service):
@@ -97,21 +206,30 @@ class RedisPool(Service):
     (the embedded Redis's socket URL, or the configured one).
     """
 
-    def __init__(self, target_source, poolsize: int, reply_timeout: float, connect_timeout: float):
+    def __init__(self, target_source, poolsize: int, reply_timeout: float, connect_timeout: float, reactor=None):
         self._target_source = target_source
         self._poolsize = poolsize
         self._reply_timeout = reply_timeout
         self._connect_timeout = connect_timeout
+        self._reactor = reactor
         self.handler: Any = None
         self.target: RedisTarget | None = None
         self.url: str | None = None
+        self.watch: ConnectionWatch | None = None
+        #: why there is no pool yet, for /ready ("the embedded Redis is not ready yet", ...)
+        self.unavailable = "the embedded Redis is not ready yet"
         self._waiting: list[Deferred] = []
 
     def startService(self) -> None:
         super().startService()
         d = self._target_source()
         d.addCallback(self._connect)
-        d.addErrback(lambda f: log.failure("Redis is not available; ingest answers 503", f))
+        d.addErrback(self._unavailable)
+
+    def _unavailable(self, failure) -> None:
+        self.unavailable = failure.getErrorMessage()
+        if self.running:  # an embedded Redis that exits because the node stops is no news
+            log.error("Redis is not available; ingest and /ready answer 503: {reason}", reason=self.unavailable)
 
     def _connect(self, url: str) -> None:
         if not self.running:
@@ -120,6 +238,7 @@ class RedisPool(Service):
         self.url = url
         log.info("using Redis at {redis}", redis=self.target.redacted())
         self.handler = connect(self.target, self._poolsize, self._connect_timeout, self._reply_timeout)
+        self.watch = ConnectionWatch.of(self.handler, self._reactor)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(self.target)
@@ -133,11 +252,18 @@ class RedisPool(Service):
         return d
 
     def stopService(self):
+        return self.stop_within(POOL_CLOSE_LIMIT)
+
+    def stop_within(self, seconds: float) -> Deferred:
+        """Close the pool (see :func:`close_pool`): fires within ``seconds``, whatever Redis does."""
         super().stopService()
+        self.unavailable = "the node is stopping"
         handler, self.handler = self.handler, None
         if handler is None:
             return succeed(None)
-        return handler.disconnect()
+        where = self.target.redacted() if self.target is not None else "Redis"
+        # a little inside ``seconds``, so close_pool's own abort (and its log line) comes first
+        return close_pool(handler, max(seconds - 0.1, 0.0), self._reactor, what=f"the Redis pool ({where})")
 
     def __getattr__(self, name: str):
         handler = self.__dict__.get("handler")
@@ -152,6 +278,144 @@ class RedisPool(Service):
         return getattr(handler, name)
 
 
+class RedisNotReady(Exception):
+    """Why /ready says 503 about Redis: ``str()`` is a sentence for a person (and the JSON ``message``)."""
+
+
+def _location(target: RedisTarget | None) -> str:
+    """Where Redis is, for people: ``10.0.0.5:6379``, a socket path, or the redacted URL."""
+    if target is None:
+        return "Redis"
+    if target.scheme in ("redis", "rediss"):
+        return f"Redis at {target.host}:{target.port}"
+    if target.scheme == "unix":
+        return f"Redis at {target.path}"
+    return f"Redis at {target.redacted()}"
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+class RedisHealth:
+    """
+    What the node knows about its Redis, for ``/ready``: an answer within ``timeout`` (50 ms)
+    in every state, with a reason a person can read.
+
+    :meth:`check` sends one PING (never more than one at a time: while a PING is unanswered,
+    every check shares it) and waits for it at most ``timeout`` seconds from when it was sent;
+    so while Redis is down or paused each check answers at once or within ``timeout``, with
+    what the pool last saw ("connection refused", "no answer ... within 50 ms") and how long ago
+    Redis last answered (the probe's and the stream sampler's successes count).  A PING that is
+    only slow (Redis answered within :data:`READY_SLOW_GRACE`, the connection is up, the last
+    PING succeeded) reads as ready.
+    """
+
+    def __init__(self, pool: RedisPool, reactor, timeout: float = READY_PROBE_TIMEOUT):
+        self._pool = pool
+        self._reactor = reactor
+        self.timeout = timeout
+        self.last_success: float | None = None
+        self._probe: Deferred | None = None  # the PING in flight
+        self._probe_sent = 0.0
+        self._last_error: str | None = None  # why the last PING failed; None if it was answered
+        self._waiters: list = []
+
+    def record_success(self) -> None:
+        self.last_success = self._reactor.seconds()
+
+    def _since(self) -> str:
+        if self.last_success is None:
+            return "no answer since PayFlux started"
+        return f"last success {_ago(self._reactor.seconds() - self.last_success)} ago"
+
+    def _reason(self, waiting: bool) -> RedisNotReady:
+        where = _location(self._pool.target)
+        watch = self._pool.watch
+        if watch is not None and not watch.connected and watch.failure:
+            return RedisNotReady(f"no connection to {where}: {watch.failure} ({self._since()})")
+        if not waiting and self._last_error:
+            return RedisNotReady(f"{where}: {self._last_error} ({self._since()})")
+        return RedisNotReady(f"no answer from {where} within {self.timeout * 1000:.0f} ms ({self._since()})")
+
+    def _slow_but_alive(self) -> bool:
+        """The probe is late, but what the node last knew of Redis is good and recent."""
+        watch = self._pool.watch
+        return (self._last_error is None and self.last_success is not None
+                and self._reactor.seconds() - self.last_success < READY_SLOW_GRACE
+                and (watch is None or watch.connected))
+
+    def _late(self) -> Deferred:
+        return succeed(None) if self._slow_but_alive() else fail(self._reason(waiting=True))
+
+    def _outcome(self) -> Deferred:
+        return succeed(None) if self._last_error is None else fail(self._reason(waiting=False))
+
+    def _probe_done(self, result, probe: Deferred) -> None:
+        if isinstance(result, Failure):
+            self._last_error = _ping_error(result)
+        else:
+            self._last_error = None
+            self.record_success()
+        if self._probe is probe:
+            self._probe = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter()
+
+    def check(self) -> Deferred:
+        """Fires with None if Redis answered PING within ``timeout``, else fails with RedisNotReady."""
+        if self._pool.handler is None:
+            return fail(RedisNotReady(self._pool.unavailable))
+        now = self._reactor.seconds()
+        if self._probe is None:
+            try:
+                probe = self._pool.execute_command("PING")
+            except Exception:  # noqa: BLE001 - e.g. txredisapi's "Not connected" once it stopped reconnecting
+                self._last_error = _ping_error(Failure())
+                return fail(self._reason(waiting=False))
+            self._probe, self._probe_sent = probe, now
+            probe.addBoth(self._probe_done, probe)
+            if self._probe is None:  # settled at once
+                return self._outcome()
+        remaining = self._probe_sent + self.timeout - now
+        watch = self._pool.watch
+        if watch is not None and not watch.connected and watch.failure:
+            # no PING can be answered before the pool reconnects: say so now (the probe stays
+            # in flight, answered once a connection is back)
+            return fail(self._reason(waiting=True))
+        if remaining <= 0:
+            return self._late()
+        answer = Deferred()
+
+        def answered() -> None:
+            if not answer.called:
+                timer.cancel()
+                self._outcome().chainDeferred(answer)
+
+        def timed_out() -> None:
+            if not answer.called:
+                self._waiters.remove(answered)
+                self._late().chainDeferred(answer)
+
+        timer = self._reactor.callLater(remaining, timed_out)
+        self._waiters.append(answered)
+        return answer
+
+
+def _ping_error(failure: Failure) -> str:
+    """A failed PING as words (never a repr): "no answer to PING within 2.0 s", "not connected"..."""
+    message = failure.getErrorMessage().strip()
+    if failure.check(txredisapi.TimeoutError) or message.startswith("Not received Redis response"):
+        return "no answer to PING " + message.removeprefix("Not received Redis response ").replace(" seconds", " s")
+    if failure.check(txredisapi.ResponseError):
+        return f"PING answered with an error: {message}"
+    if failure.check(txredisapi.ConnectionError):
+        text = message.removeprefix("Redis error: ")
+        return "not connected" if text in ("Not connected", "Lost connection") else text
+    return message or failure.type.__name__
+
+
 class DrainGuard(Service):
     """On stop, makes the app refuse new ingests and waits for in-flight appends (bounded)."""
 
@@ -160,27 +424,42 @@ class DrainGuard(Service):
         self._grace = grace
         self._reactor = reactor
 
+    _refusing_since: float | None = None
+
     def refuse_new(self) -> None:
         """Make new ingests (and /ready) answer 503 at once; ``stopService`` then waits for in-flight ones."""
+        if self._refusing_since is None:
+            self._refusing_since = self._reactor.seconds()
         self._app.start_draining()
 
     def stopService(self):
+        return self.stop_within(None)
+
+    def stop_within(self, seconds: float | None) -> Deferred:
+        """Wait for in-flight appends until ``grace`` seconds after :meth:`refuse_new` (at most ``seconds``)."""
         super().stopService()
-        log.info("draining: refusing new ingests, waiting up to {grace}s for {inflight} in-flight requests",
-                 grace=self._grace, inflight=self._app.inflight_requests)
+        self.refuse_new()
+        grace = max(self._refusing_since + self._grace - self._reactor.seconds(), 0.0)
+        if seconds is not None:
+            grace = min(grace, seconds)
+        log.info("draining: refusing new ingests, waiting up to {grace:.1f}s for {inflight} in-flight requests",
+                 grace=grace, inflight=self._app.inflight_requests)
         d = self._app.start_draining()
-        d.addTimeout(self._grace, self._reactor)
+        d.addTimeout(grace, self._reactor)
         d.addErrback(lambda f: log.warn("grace period over with {n} requests in flight", n=self._app.inflight_requests))
         return d
 
 
-def _sampler(pool: RedisPool, keys: StreamKeys, partitions: int, metrics: Metrics, timeout: float, reactor):
+def _sampler(pool: RedisPool, keys: StreamKeys, partitions: int, metrics: Metrics, timeout: float, reactor,
+             health: RedisHealth | None = None):
     @inlineCallbacks
     def sample():
         try:
             d = pool.execute_command("PING")
             d.addTimeout(timeout, reactor)
             yield d
+            if health is not None:
+                health.record_success()
             for p in range(partitions):
                 d = pool.execute_command("XLEN", keys.events(p))
                 d.addTimeout(timeout, reactor)
@@ -302,7 +581,11 @@ def add_redis(node: Node, settings: Settings, reactor, metrics: Metrics | None =
         poolsize=settings.redis_pool_size,
         reply_timeout=max(settings.redis_timeout, 1.0),
         connect_timeout=settings.redis_timeout,
+        reactor=reactor,
     )
+    if settings.redis_url:
+        pool.unavailable = f"not connected to {_location(parse_redis_url(settings.redis_url))} yet"
+    pool.health = RedisHealth(pool, reactor)
     pool.setServiceParent(node)
     if settings.redis_cluster and metrics is not None:
         metrics.registry.register(ClusterRedirects(pool))
@@ -340,10 +623,10 @@ def add_background(node: Node, settings: Settings, pool: RedisPool, keys: Stream
         ).setServiceParent(node)
     GroupStatsSampler(
         pool, keys, settings.partitions, metrics.consumers, reactor, interval=settings.stats_interval,
-        ready=pool.whenConnected,
+        ready=pool.whenConnected, idle_warning=settings.group_idle_warning,
     ).setServiceParent(node)
 
-    sample = _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor)
+    sample = _sampler(pool, keys, settings.partitions, metrics, settings.redis_timeout, reactor, pool.health)
     sampler = TimerService(settings.stats_interval, sample)
     sampler.clock = reactor
     sampler.setServiceParent(node)
@@ -368,7 +651,7 @@ def build_node(
     inherited, and ``worker_tag``: it then runs the ingest role only, on the adopted socket, and
     leaves consumers, the trimmer and the samplers to its supervisor.
     """
-    node = Node()
+    node = Node(settings.shutdown_grace, reactor)
     metrics = Metrics()
     pool = add_redis(node, settings, reactor, metrics)
 
@@ -384,9 +667,7 @@ def build_node(
         replica_ack_timeout_ms=settings.replica_ack_timeout,
     )
 
-    def ping() -> Deferred:
-        d = pool.execute_command("PING")
-        return d.addTimeout(settings.redis_timeout, reactor)
+    ping = pool.health.check  # /ready: within 50 ms, with a readable reason
 
     if settings.insecure_dev_mode:
         log.warn("INSECURE DEV MODE: requests without an API key are accepted (key id 'dev')")

@@ -26,8 +26,9 @@ The supervisor restarts a worker that exits unexpectedly after a backoff (0.5 s,
 30 s, reset once a worker has run for 10 s), logs it and counts it in
 ``payflux_worker_restarts_total``. On SIGTERM it sends SIGTERM to every worker at once (each
 drains like a single node: 503 to new requests, in-flight appends finish), stops its consumers,
-waits for the workers (``shutdown_grace`` + 5 s, then SIGKILL), closes the socket and the side
-listener, and stops the embedded Redis last.
+waits for the workers (until its own stop budget says so, about ``shutdown_grace`` + 1.5 s after
+the SIGTERM, then SIGKILL), closes the socket and the side listener, and stops the embedded
+Redis last: the whole stop ends within ``shutdown_grace`` + 5 s (see :class:`payflux.node.Node`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ log = Logger()
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 10.0
-STOP_MARGIN = 5.0
+#: seconds after SIGKILLing the workers still left that the supervisor waits for them to be reaped
+REAP_LIMIT = 0.5
+#: seconds the supervisor's /ready waits for each worker's own /ready
+WORKER_READY_TIMEOUT = 0.08
 
 
 class SharedSocket(Service):
@@ -135,6 +139,11 @@ class _WorkerProcess(protocol.ProcessProtocol):
 class WorkerPool(Service):
     """Spawns, watches, restarts and stops the worker processes; scrapes their side sockets."""
 
+    # for payflux.node.Node's bounded stop: the workers drain for shutdown_grace, then get this
+    # much longer to close their listeners and pools before the supervisor SIGKILLs them
+    drains_work = True
+    settle_limit = 2.0
+
     def __init__(
         self,
         settings: Settings,
@@ -201,7 +210,10 @@ class WorkerPool(Service):
             metrics_listen=f"unix:{path}:mode=600",
             consumers=(),
         )
-        spec = WorkerSpec(index, worker_settings, self.shared.family, os.getpid(), self.log_format)
+        # workers=: each worker admits from its share of every key's rate-limit bucket, shared
+        # through Redis (payflux.ingest.auth.SharedRateLimiter), so a key's limit holds across workers
+        spec = WorkerSpec(index, worker_settings, self.shared.family, os.getpid(), self.log_format,
+                          workers=self.count)
         proc = _WorkerProcess(self, index, pickle.dumps(spec))
         self.reactor.spawnProcess(
             proc,
@@ -257,18 +269,26 @@ class WorkerPool(Service):
         except Exception:  # noqa: BLE001 - already gone
             pass
 
-    @inlineCallbacks
     def stopService(self):
+        return self.stop_within(self.settings.shutdown_grace + 5.0)
+
+    @inlineCallbacks
+    def stop_within(self, seconds: float):
+        """SIGTERM the workers (if not yet), SIGKILL those still running ``seconds`` - REAP_LIMIT later."""
         super().stopService()
         self.begin_stop()
         running = list(self.procs.values())
         if running:
-            log.info("waiting up to {grace}s for {n} workers to drain", grace=self.settings.shutdown_grace + STOP_MARGIN,
-                     n=len(running))
-            timer = self.reactor.callLater(self.settings.shutdown_grace + STOP_MARGIN, self._kill, running)
-            yield DeferredList([p.ended for p in running])
-            if timer.active():
-                timer.cancel()
+            wait = max(seconds - REAP_LIMIT, 0.0)
+            log.info("waiting up to {wait:.1f}s for {n} workers to drain", wait=wait, n=len(running))
+            timer = self.reactor.callLater(wait, self._kill, running)
+            ended: Deferred = Deferred()
+            DeferredList([p.ended for p in running]).addCallback(lambda _: ended.called or ended.callback(None))
+            reaped = self.reactor.callLater(max(seconds - 0.1, wait), lambda: ended.called or ended.callback(None))
+            yield ended
+            for call in (timer, reaped):
+                if call.active():
+                    call.cancel()
         yield self._http.closeCachedConnections()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -280,9 +300,10 @@ class WorkerPool(Service):
 
     # --- talking to the workers' private side sockets ---
 
-    def fetch(self, index: int, path: str) -> Deferred:
+    def fetch(self, index: int, path: str, timeout: float | None = None) -> Deferred:
         """GET ``path`` on worker ``index``'s side socket; fires with (status, body)."""
-        timeout = self.settings.redis_timeout + 1.0
+        if timeout is None:
+            timeout = self.settings.redis_timeout + 1.0
         agent = Agent.usingEndpointFactory(
             self.reactor, _UnixEndpoints(self.reactor, self.socket_path(index), timeout), pool=self._http
         )
@@ -316,10 +337,10 @@ class WorkerPool(Service):
 
     @inlineCallbacks
     def workers_ready(self):
-        """How many workers answer 200 on their own /ready."""
+        """How many workers answer 200 on their own /ready (within WORKER_READY_TIMEOUT each, all at once)."""
 
         def status(index):
-            d = self.fetch(index, "/ready")
+            d = self.fetch(index, "/ready", WORKER_READY_TIMEOUT)
             d.addCallback(lambda r: r[0] == 200)
             d.addErrback(lambda f: False)
             return d
@@ -345,13 +366,11 @@ class _StopSignal(Service):
 def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, log_format: str = "text") -> Node:
     """The supervisor's services (see the module docstring); ``settings.workers`` > 1."""
     log_go_env(settings)  # once here, not in each worker (build_node skips it with ingest_fd)
-    node = Node()
+    node = Node(settings.shutdown_grace, reactor)
     metrics = Metrics()
     pool = add_redis(node, settings, reactor, metrics)
     keys = StreamKeys(settings.stream_prefix, layout=settings.layout)
-
-    def ping() -> Deferred:
-        return pool.execute_command("PING").addTimeout(settings.redis_timeout, reactor)
+    ping = pool.health.check  # /ready: within 50 ms, with a readable reason
 
     shared = SharedSocket(reactor, settings.listen)
     workers = WorkerPool(settings, reactor, shared, pool, metrics, log_format)

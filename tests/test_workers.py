@@ -6,8 +6,10 @@ SIGTERM drains everything, and the side port's /metrics sums the workers.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import sys
 import signal
 import subprocess
 import tempfile
@@ -186,6 +188,39 @@ class WorkersTests(SynchronousTestCase):
         self.assertIn("exited unexpectedly", self.log_text())
         self.stop()
 
+    def test_a_keys_rate_limit_is_shared_by_the_workers(self):
+        # 20 events of burst and (practically) no refill: one bucket admits 20 (plus, as with one
+        # process, up to one request per connection admitted before the spend of the one before it
+        # was counted: 8 here), whichever worker each request reaches; a bucket per worker, 40 and more
+        self.start("--rate-limit", "0.001", "--rate-burst", "20")
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(self._post_fresh, [self.sample_event() for _ in range(80)]))
+        statuses = [r[0] for r in results]
+        accepted = statuses.count(202)
+        self.assertEqual(set(statuses), {202, 429}, results[:3])
+        print(f"\n  shared limit, burst 20: {accepted} of 80 accepted, by worker "
+              f"{collections.Counter(r[2].split('/')[0] for r in results if r[0] == 202)}", file=sys.stderr)
+        self.assertLessEqual(accepted, 20 + 8)
+        self.assertGreaterEqual(accepted, 10)  # each worker had its share at least
+        self.assertEqual(len({r[2] for r in results if r[0] == 202}), 2)  # both workers admitted some
+        self.assertEqual(self.xlen(), accepted)
+        # the one bucket, in Redis, is spent once the workers' last spends are synced (within 50 ms)
+        deadline = time.monotonic() + 5
+        while float(sync_command_at(os.path.join(self.data_dir, "redis.sock"), "HGET", "payflux:ratelimit:tester",
+                                    "tokens")) >= 1:
+            self.assertLess(time.monotonic(), deadline, "the shared bucket was never charged")
+            time.sleep(0.05)
+        self.stop()
+
+    def _post_fresh(self, event: dict):
+        """post() on a new connection (the kernel picks the worker), retrying only refused connects."""
+        for _ in range(50):
+            try:
+                return self.post(event)
+            except OSError:
+                time.sleep(0.05)
+        self.fail("could not connect")
+
     def test_invalid_workers_exit_2_with_one_line(self):
         env = clean_env()
         for args, expected in (
@@ -201,3 +236,108 @@ class WorkersTests(SynchronousTestCase):
             self.assertEqual(result.returncode, 2, output)
             self.assertEqual(len(output.splitlines()), 1, output)
             self.assertIn(expected, output)
+
+
+class FakeBucketRedis:
+    """The shared-bucket script (payflux.ingest.auth.SHARED_BUCKET_SCRIPT) in Python on a Clock, with a
+    reply latency; ``down`` makes every call fail, ``noscript`` the first EVALSHA."""
+
+    def __init__(self, clock, latency: float = 0.001) -> None:
+        self.clock, self.latency = clock, latency
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.calls: list[str] = []
+        self.down = False
+        self.noscript = False
+
+    def execute_command(self, name, *args):
+        from twisted.internet import defer
+        from txredisapi import ConnectionError, ResponseError
+
+        self.calls.append(name)
+        if self.down:
+            return defer.fail(ConnectionError("Redis down (test)"))
+        if name == "EVALSHA" and self.noscript:
+            self.noscript = False
+            return defer.fail(ResponseError("NOSCRIPT No matching script. Please use EVAL."))
+        _, _, key, rate, burst, spent = args
+        rate, burst, spent = float(rate), float(burst), float(spent)
+        now = self.clock.seconds()
+        tokens, stamp = self.buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + max(0.0, now - stamp) * rate) - spent
+        self.buckets[key] = (tokens, max(now, stamp))
+        d = defer.Deferred()
+        self.clock.callLater(self.latency, d.callback, str(tokens))
+        return d
+
+
+class SharedRateLimiterTests(SynchronousTestCase):
+    """SharedRateLimiter on a Clock: N workers admit what one bucket would, however traffic is spread."""
+
+    def assertNear(self, value: float, expected: float, tolerance: float, msg: str = "") -> None:
+        self.assertLessEqual(abs(value - expected), tolerance, f"{value} vs {expected} +- {tolerance} {msg}")
+
+    def limiters(self, n: int, redis=None, rate: float = 1000, burst: int = 1000):
+        from twisted.internet.task import Clock
+
+        from payflux.ingest.auth import SharedRateLimiter
+
+        self.clock = clock = Clock()
+        clock.advance(1000)
+        self.redis = redis or FakeBucketRedis(clock)
+        return [SharedRateLimiter(rate, burst, clock.seconds, self.redis, clock, n, "payflux") for _ in range(n)]
+
+    def offer(self, limiters, share, seconds: float = 10.0, per_second: int = 3000, batch: int = 1) -> int:
+        """Offer per_second events (as requests of ``batch``), request i to limiters[share(i)]; count admitted."""
+        from payflux.ingest.errors import ApiError
+
+        admitted, step = 0, 0.01
+        per_step = int(per_second * step / batch)
+        for tick in range(int(seconds / step)):
+            for i in range(per_step):
+                limiter = limiters[share(tick * per_step + i)]
+                try:
+                    limiter.check("k1")
+                except ApiError as e:
+                    self.assertEqual(e.status, 429)
+                    continue
+                limiter.spend("k1", batch)
+                admitted += batch
+            self.clock.advance(step)
+        return admitted
+
+    def test_spread_or_all_on_one_worker_admits_one_buckets_worth(self):
+        one = self.offer(self.limiters(1), lambda i: 0)
+        expected = 1000 + 1000 * 10  # the burst, then the rate
+        self.assertNear(one, expected, expected * 0.02)
+        for share, what in ((lambda i: i % 2, "round robin"), (lambda i: 0, "all on worker 0"),
+                            (lambda i: 0 if i % 10 else 1, "9 of 10 on worker 0")):
+            limiters = self.limiters(2)
+            admitted = self.offer(limiters, share)
+            self.assertNear(admitted, expected, expected * 0.05, what)
+            self.assertLessEqual(admitted, expected + 50, what)
+            # syncs are bounded per key and worker (every SYNC_INTERVAL), not one per request
+            self.assertLessEqual(sum(lim.syncs for lim in limiters), 2 * 10 / limiters[0].interval + 4, what)
+        four = self.offer(self.limiters(4), lambda i: i % 3)  # 4 workers, one idle
+        self.assertNear(four, expected, expected * 0.05)
+
+    def test_batches_go_into_debt_across_workers(self):
+        limiters = self.limiters(2, rate=100, burst=100)
+        admitted = self.offer(limiters, lambda i: i % 2, seconds=10, per_second=5000, batch=50)
+        self.assertLessEqual(admitted, 100 + 100 * 10 + 2 * 50)  # at most one batch of debt per worker
+        self.assertGreaterEqual(admitted, 900)
+
+    def test_redis_down_falls_back_to_each_workers_share_and_noscript_reloads(self):
+        from payflux.ingest.errors import ApiError
+
+        limiters = self.limiters(2)
+        self.redis.noscript = True
+        self.offer(limiters, lambda i: 0, seconds=0.1)
+        self.assertEqual(self.redis.calls[:2], ["EVALSHA", "EVAL"])
+        self.redis.down = True
+        self.clock.advance(100)  # the bucket refills; worker 0 alone, on its share: half the rate
+        admitted = self.offer(limiters, lambda i: 0)
+        self.assertNear(admitted, 500 + 500 * 10, 200)
+        limiters[0].spend("k1", 1000)  # a batch deep into debt: 1000 events at its 500/s share
+        with self.assertRaises(ApiError) as cm:
+            limiters[0].check("k1")
+        self.assertEqual(cm.exception.headers["Retry-After"], "2")

@@ -22,9 +22,12 @@ Contract (docs/stream-format.md, "Consumer groups"):
 - Any failed step is logged, counted in ``read_errors`` and retried after an exponential
   backoff (``reactor.callLater``, capped at ``MAX_BACKOFF``); nothing ends the loop but
   ``stopService``.
-- ``stopService``: stop reading (the blocking connection is closed), wait up to ``grace``
-  seconds for batches with the handler, ack what finished, leave the rest pending, close the
-  handler.
+- ``stopService``: stop reading (the blocking connection is closed, within CLOSE_LIMIT even if
+  Redis doesn't answer), wait up to ``grace`` seconds for batches with the handler, ack what
+  finished, leave the rest pending, close the handler (waiting at most HANDLER_CLOSE_LIMIT for
+  its ``close()``).  ``stop_within(seconds)`` is the same within an overall budget (the node's
+  bounded stop): the grace shrinks to fit, ``close()`` gets what is left (at least CLOSE_LIMIT),
+  so the stop ends within ``seconds`` whatever the handler and Redis do.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ log = Logger()
 FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 30.0
 LAST_ERRORS_LIMIT = 100_000  # stream ids whose last error we remember (oldest forgotten first)
+CLOSE_LIMIT = 0.5  # seconds a stop waits for the read connections to close (and, at least, for the handler's close())
+HANDLER_CLOSE_LIMIT = 10.0  # seconds a stop without a budget waits for the handler's close()
 
 
 def default_consumer_name() -> str:
@@ -206,37 +211,55 @@ class ConsumerService(Service):
         self._loop.addErrback(lambda f: log.failure("consumer {consumer} loop ended", f, consumer=self.config.name))
 
     def stopService(self) -> defer.Deferred:
+        return self.stop_within(None)
+
+    def stop_within(self, seconds: float | None) -> defer.Deferred:
+        """``stopService``, ending within ``seconds`` (None: grace + the close limits)."""
         super().stopService()
         self._stopping = True
         for d in (self._sleep, self._slot_waiter, self._wake):
             if d is not None and not d.called:
                 d.cancel()
         blocking, self._blocking = self._blocking, None
-        return defer.ensureDeferred(self._drain(blocking or []))
+        grace, deadline = self.grace, None
+        if seconds is not None:
+            # room for closing the read connections (in parallel) and the handler, and the last acks
+            grace = max(min(grace, seconds - 2 * CLOSE_LIMIT - 0.25), 0.0)
+            deadline = self.reactor.seconds() + seconds
+        return defer.ensureDeferred(self._drain(blocking or [], grace, deadline))
 
-    async def _drain(self, blocking: list[Any]) -> None:
-        for connection in blocking:
-            try:
-                await connection.disconnect()
-            except Exception:
-                log.failure("consumer {consumer}: closing the read connection failed", consumer=self.config.name)
+    async def _drain(self, blocking: list[Any], grace: float, deadline: float | None) -> None:
+        from payflux.streams.connection import close_pool
+
+        if blocking:
+            await defer.DeferredList([close_pool(c, CLOSE_LIMIT, self.reactor, what=f"consumer {self.config.name}'s "
+                                                 "read connection") for c in blocking])
         pending = list(self._in_flight)
         if pending:
-            log.info("consumer {consumer} stopping: waiting up to {grace}s for {count} batches",
-                     consumer=self.config.name, grace=self.grace, count=len(pending))
+            log.info("consumer {consumer} stopping: waiting up to {grace:.1f}s for {count} batches",
+                     consumer=self.config.name, grace=grace, count=len(pending))
             # wait without cancelling: a handler past the grace period keeps running, unacked
             waiting: defer.Deferred = defer.Deferred()
-            timer = self.reactor.callLater(self.grace, lambda: waiting.called or waiting.callback(False))
+            timer = self.reactor.callLater(grace, lambda: waiting.called or waiting.callback(False))
             defer.DeferredList(pending, consumeErrors=True).addCallback(
                 lambda _: waiting.called or waiting.callback(True))
             if not await waiting:
-                log.warn("consumer {consumer}: {count} batches still with the handler after {grace}s; "
+                log.warn("consumer {consumer}: {count} batches still with the handler after {grace:.1f}s; "
                          "left pending for reclaim", consumer=self.config.name, count=len(self._in_flight),
-                         grace=self.grace)
+                         grace=grace)
             if timer.active():
                 timer.cancel()
         self._acks_allowed = False
-        await close_handler(self.handler)
+        limit = HANDLER_CLOSE_LIMIT if deadline is None else max(deadline - self.reactor.seconds() - 0.1, CLOSE_LIMIT)
+        closing = close_handler(self.handler)
+        closed: defer.Deferred = defer.Deferred()
+        closing.addBoth(lambda _: closed.called or closed.callback(True))
+        timer = self.reactor.callLater(limit, lambda: closed.called or closed.callback(False))
+        if not await closed:
+            log.warn("consumer {consumer}: the handler's close() did not finish within {limit:.1f}s; "
+                     "abandoned it and carried on with the stop", consumer=self.config.name, limit=limit)
+        if timer.active():
+            timer.cancel()
 
     # -- the read loop -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ status page, /status and /status.json (:mod:`payflux.observability.status`).
 from __future__ import annotations
 
 from klein import Klein
+from twisted.internet.defer import ensureDeferred
 from twisted.web.server import Site
 
 from payflux.ingest.app import IngestApp, json_response, not_ready, quiet_site
@@ -76,13 +77,20 @@ class WorkersSideApp:
     @app.route("/ready", methods=["GET"])
     async def ready(self, request):
         expected = self.workers.count
+        # the workers are asked while Redis is: each step answers within ~50-80 ms, so the
+        # whole answer takes no longer than the slower of the two
+        asked = ensureDeferred(self.workers.workers_ready()) if not self.draining else None
         refusal = await not_ready(request, self.draining, self.ping)
         if refusal is not None:
             return refusal
-        ready = await self.workers.workers_ready()
+        ready = await asked
         if ready < expected:
             request.setHeader(b"Retry-After", b"1")
-            return json_response(request, 503, {"status": "workers_unavailable", "workers_ready": ready, "workers": expected})
+            return json_response(request, 503, {
+                "status": "workers_unavailable", "workers_ready": ready, "workers": expected,
+                "message": f"{expected - ready} of {expected} workers did not answer ready (restarting, or "
+                           "their own Redis check failed; see the supervisor's log)",
+            })
         return json_response(request, 200, {"status": "ready", "workers_ready": ready, "workers": expected})
 
     @app.route("/status", methods=["GET"])

@@ -35,7 +35,9 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import attrs
 import txredisapi
+from twisted.internet import defer, error as terror
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 _log = Logger()
 
@@ -411,3 +413,140 @@ def _report_refusal(factory: Any, target: RedisTarget) -> None:
             d.errback(txredisapi.ConnectionError(f"Redis refused PayFlux: {reason}"))
 
     refused.addErrback(on_refusal)
+
+
+def _factories_of(handler: Any) -> list[Any]:
+    """The txredisapi factories behind a handler ``connect`` returned (one per master for a cluster)."""
+    factory = getattr(handler, "__dict__", {}).get("_factory")  # a ConnectionHandler's __getattr__ makes commands
+    if factory is not None:
+        return [factory]
+    nodes = getattr(handler, "__dict__", {}).get("_nodes") or {}
+    return [f for node in nodes.values() for f in _factories_of(node)]
+
+
+def fail_waiting_commands(factory: Any, reason: str) -> int:
+    """
+    Errback every command of ``factory`` that waits for a pooled connection (with
+    ``txredisapi.ConnectionError(reason)``); returns how many there were.  Such a command would
+    otherwise wait forever once the pool stops reconnecting.
+    """
+    queue = factory.connectionQueue
+    waiting, queue.waiting = list(queue.waiting), []
+    peekers, queue.peekers = list(getattr(queue, "peekers", [])), []
+    for d in waiting + peekers:
+        if not d.called:
+            d.errback(txredisapi.ConnectionError(reason))
+    return len(waiting) + len(peekers)
+
+
+def close_pool(handler: Any, timeout: float, reactor: Any = None, what: str = "Redis") -> defer.Deferred:
+    """
+    ``handler.disconnect()``, bounded: stop (re)connecting, fail the commands still waiting for a
+    connection, close the connections, and fire within ``timeout`` seconds whatever Redis does.
+
+    txredisapi's own ``disconnect()`` waits until every connection is closed, and a connection
+    to a paused Redis with unsent commands closes only once they are written, i.e. never; after
+    ``timeout`` such connections are aborted, logged, and this fires anyway.  Never errbacks.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    factories = _factories_of(handler)
+    closing = defer.maybeDeferred(handler.disconnect)
+    failed = sum(fail_waiting_commands(f, f"{what} is closed (stopping)") for f in factories)
+    if failed:
+        _log.info("closing {what}: failed {n} commands still waiting for a connection", what=what, n=failed)
+    done: defer.Deferred = defer.Deferred()
+
+    def finished(result: Any) -> None:
+        if isinstance(result, Failure):
+            _log.warn("closing {what} failed: {reason}", what=what, reason=result.getErrorMessage())
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    def give_up() -> None:
+        aborted = 0
+        for factory in factories:
+            transports = [getattr(c, "transport", None) for c in list(getattr(factory, "pool", ()))]
+            transports += [getattr(getattr(s, "protocol", None), "transport", None) for s in getattr(factory, "slots", ())]
+            for transport in {id(t): t for t in transports if t is not None}.values():
+                abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+                abort()
+                aborted += 1
+        _log.warn("closing {what}: connections still open after {t:g}s (Redis not answering); aborted {n} "
+                  "of them and carried on", what=what, t=timeout, n=aborted)
+        if not done.called:
+            done.callback(None)
+
+    timer = reactor.callLater(max(timeout, 0.0), give_up)
+    closing.addBoth(finished)
+    return done
+
+
+def describe_connect_failure(failure: Any) -> str:
+    """A connection attempt's failure as a person reads it: "connection refused", "timed out"..."""
+    if failure.check(terror.ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(terror.TimeoutError, terror.TCPTimedOutError):
+        return "connection attempt timed out"
+    if failure.check(terror.DNSLookupError):
+        return "host name not found"
+    if failure.check(terror.NoRouteError):
+        return "no route to host"
+    message = failure.getErrorMessage().strip().rstrip(".")
+    return message or failure.type.__name__
+
+
+class ConnectionWatch:
+    """
+    The outcome of a pool's connection attempts, for readable readiness answers: ``failure`` is
+    why the latest attempt failed ("connection refused", ...) or "connection lost,
+    reconnecting", None while connected or before the first attempt ended.  Watches the first pool slot (all slots dial the same address)
+    through ClientService's public ``whenConnected(failAfterFailures=1)``.
+    """
+
+    def __init__(self, factory: Any, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.failure: str | None = None
+        self.connected = False
+        slots = list(getattr(factory, "slots", ()))
+        if slots and hasattr(slots[0], "service"):
+            self._arm(slots[0])
+
+    @classmethod
+    def of(cls, handler: Any, reactor: Any = None) -> "ConnectionWatch | None":
+        """A watch of ``handler``'s pool; None for a cluster client (several pools)."""
+        nodes = getattr(handler, "__dict__", {}).get("_nodes")
+        factories = _factories_of(handler)
+        return cls(factories[0], reactor) if factories and nodes is None else None
+
+    def _arm(self, slot: Any) -> None:
+        d = slot.service.whenConnected(failAfterFailures=1)
+        d.addCallbacks(self._connected, self._failed, callbackArgs=(slot,), errbackArgs=(slot,))
+
+    def _connected(self, protocol: Any, slot: Any) -> None:
+        self.failure, self.connected = None, True
+        lost = getattr(protocol, "whenDisconnected", None)
+        if lost is not None:
+            lost().addBoth(lambda _: self._lost(slot))
+
+    def _lost(self, slot: Any) -> None:
+        self.connected = False
+        self.failure = "connection lost, reconnecting"
+        # called from inside ClientService's state change: look again once it is done
+        self.reactor.callLater(0, self._arm, slot)
+
+    def _failed(self, failure: Any, slot: Any) -> None:
+        self.connected = False
+        if failure.check(defer.CancelledError):
+            return None  # the slot stopped: nothing more to watch
+        self.failure = describe_connect_failure(failure)
+        self.reactor.callLater(0, self._arm, slot)
+        return None

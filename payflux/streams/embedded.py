@@ -305,6 +305,15 @@ class EmbeddedRedis(Service):
 
     def stopService(self) -> defer.Deferred:
         """SIGTERM redis-server; fires once it has exited (SIGKILL after ``stop_timeout``)."""
+        return self.stop_within(None)
+
+    def stop_within(self, seconds: float | None) -> defer.Deferred:
+        """
+        ``stopService`` within a budget (:class:`payflux.node.Node` gives it what is left of the
+        node's): SIGKILL after ``stop_timeout``, or 0.5 s before ``seconds`` run out, or after
+        1 s for a server that never answered PING (nothing was written through it; it is
+        loading, or will never answer).
+        """
         Service.stopService(self)
         if self._transport is None:
             return defer.succeed(None)
@@ -312,7 +321,12 @@ class EmbeddedRedis(Service):
         done: defer.Deferred = defer.Deferred()
         self._ended.append(done)
         self._signal("TERM")
-        killer = self.reactor.callLater(self.stop_timeout, self._kill_after_timeout)
+        kill_after = self.stop_timeout
+        if seconds is not None:
+            kill_after = min(kill_after, max(seconds - 0.5, 0.1))
+        if self._ready_result is not True:
+            kill_after = min(kill_after, 1.0)
+        killer = self.reactor.callLater(kill_after, self._kill_after_timeout, kill_after)
 
         def cancel_killer(result: Any) -> Any:
             if killer.active():
@@ -321,8 +335,9 @@ class EmbeddedRedis(Service):
 
         return done.addBoth(cancel_killer)
 
-    def _kill_after_timeout(self) -> None:
-        log.warn("embedded redis-server ignored SIGTERM for {t}s; sending SIGKILL", t=self.stop_timeout)
+    def _kill_after_timeout(self, seconds: float | None = None) -> None:
+        log.warn("embedded redis-server ignored SIGTERM for {t:g}s; sending SIGKILL",
+                 t=self.stop_timeout if seconds is None else seconds)
         self._signal("KILL")
 
     def _signal(self, name: str) -> None:
