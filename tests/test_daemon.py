@@ -9,34 +9,18 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD, clean_env, http_request, kill_embedded_redis
-
+from tests.support.process import TWISTD, NodeProcesses, clean_env, http_request
 from tests.support.redis import free_port, sync_command_at
 
 SECRET = "daemon-test-secret-0123456789"
 
 
-
-
-class DaemonTests(SynchronousTestCase):
-    def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix="payflux-daemon-")
-        self.data_dir = os.path.join(self.dir, "data")
-        self.port = free_port()
-        self.procs: list[subprocess.Popen] = []
-        self.addCleanup(self._reap)
-
-    def _reap(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        kill_embedded_redis(self.data_dir)
+class DaemonTests(NodeProcesses, SynchronousTestCase):
+    dir_prefix = "payflux-daemon-"
 
     def start(self, *extra: str, logger: bool = False) -> subprocess.Popen:
         env = clean_env()

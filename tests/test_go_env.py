@@ -498,9 +498,11 @@ class GoEnvironmentDaemonTests(SynchronousTestCase):
 
         text = self.log_text()
         port = self.redis.port
+        # stdout is a file: JSON lines (log_format auto), one message each
+        messages = [json.loads(line)["message"] for line in text.splitlines() if line.strip()]
         self.assertIn(f"REDIS_ADDR=127.0.0.1:{port} -> redis_url redis://127.0.0.1:{port}/0", text)
         self.assertIn(f"PAYFLUX_API_KEY=<secret> -> api_keys (key id {key_id_for(SECRET)})", text)
-        warnings = [line for line in text.splitlines() if "PayFlux does not implement" in line]
+        warnings = [m for m in messages if "PayFlux does not implement" in m]
         self.assertEqual(len(warnings), 1, text)
         self.assertTrue(warnings[0].endswith("ignored: PAYFLUX_ENV, STRIPE_API_KEY (see docs/migrating-from-go.md)"),
                         warnings[0])

@@ -180,14 +180,16 @@ def _replay_batch(sync_redis: Any, keys: StreamKeys, p: int, ids: list[str], res
 
 
 def replay(sync_redis: Any, keys: StreamKeys, partitions: int, ids: Sequence[str] | None = None,
-           all: bool = False, progress: Callable[[int, int], None] | None = None,
+           all: bool = False, progress: Callable[[int, int, int], None] | None = None,
            partition: int | None = None, batch: int = 100, progress_every: int = 1000) -> ReplayResult:
     """
     Replay the given DLQ ``ids`` or, with ``all=True``, every dead letter (see module doc).
 
-    ``progress(done, total)`` is called after every ``progress_every`` entries handled and once
-    at the end (``total`` = DLQ entries when the replay began, or ``len(ids)``).  ValueError for
-    a bad id or partition, or when neither/both of ``ids`` and ``all`` are given.
+    ``progress(handled, total, replayed)`` is called each time another ``progress_every`` ids
+    have been handled (looked up: replayed, skipped or not found; ``total`` = DLQ entries when
+    the replay began, or ``len(ids)``), with how many of them were really replayed; never for a
+    replay shorter than that (the result says what happened).  ValueError for a bad id or
+    partition, or when neither/both of ``ids`` and ``all`` are given.
     """
     if all == bool(ids):
         raise ValueError("give either ids or all=True")
@@ -200,7 +202,7 @@ def replay(sync_redis: Any, keys: StreamKeys, partitions: int, ids: Sequence[str
         done += n
         if progress is not None and done - reported >= progress_every:
             reported = done
-            progress(done, total)
+            progress(done, total, len(result.replayed))
 
     if ids:
         wanted = check_ids(ids)
@@ -224,8 +226,6 @@ def replay(sync_redis: Any, keys: StreamKeys, partitions: int, ids: Sequence[str
                 _replay_batch(sync_redis, keys, p, chunk, result)
                 tick(len(chunk), total)
                 start = "(" + chunk[-1]
-    if progress is not None and done != reported:
-        progress(done, total)
     return result
 
 

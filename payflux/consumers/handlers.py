@@ -35,8 +35,10 @@ from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+
+from payflux.observability.logsummary import repeated
 
 try:  # orjson decodes payment events ~2x faster than json; same results for valid JSON
     from orjson import loads as _loads
@@ -184,7 +186,12 @@ def run_handler(
                 else:
                     failed[i] = exc
             return BatchOutcome(done, failed, seconds)
-        log.failure("handler failed a batch of {count} entries", result, count=len(ids))
+        # one line with the error class and message, one per log_summary_interval while it keeps
+        # failing (with counts); the traceback only at log_level debug
+        repeated(f"handler failed {type(handler).__name__}", log).warn(
+            "handler failed a batch of {count} entries: {error_class}: {error}", count=len(ids),
+            error_class=result.type.__name__, error=result.getErrorMessage())
+        log.failure("handler failed a batch of {count} entries", result, level=LogLevel.debug, count=len(ids))
         for i in ids:
             failed[i] = result.value
         return BatchOutcome([], failed, seconds)
@@ -242,11 +249,35 @@ LAZY_BUILTINS: dict[str, tuple[str, str | None]] = {
 }
 
 
+def _check_options(spec: str, factory: Callable[..., Any], options: dict) -> None:
+    """
+    Options the factory's signature can't take, or required ones missing: one line naming the
+    option and the known ones (instead of Python's ``__init__() got an unexpected keyword
+    argument``).  A factory taking ``**options`` checks its own (the exporters, risk).
+    """
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: let it say
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "reactor"]
+    known = ", ".join(p.name for p in named) or "none"
+    for key in options:
+        if key not in {p.name for p in named}:
+            raise ValueError(f"unknown option {key!r} for handler {spec} (known: {known})")
+    for p in named:
+        if p.default is p.empty and p.name not in options:
+            raise ValueError(f"missing option {p.name!r} for handler {spec} (known: {known})")
+
+
 def load_handler(spec: str, options: dict, reactor: Any) -> Any:
     """
     Build the handler named by ``spec``: a key of :data:`BUILTINS` or ``package.module:attr``;
     the factory is called as ``factory(reactor=reactor, **options)``.  Any failure is a
-    ValueError with a one-line message naming ``spec``.
+    ValueError with a one-line message naming ``spec`` (an option the factory's signature has
+    no parameter for, or a required one missing: ``unknown option 'urll' for handler webhook
+    (known: url, secret, ...)``).
     """
     extra = None
     if spec in BUILTINS:
@@ -275,8 +306,10 @@ def load_handler(spec: str, options: dict, reactor: Any) -> Any:
                 raise ValueError(f"handler {spec!r}: {module_name} has no attribute {attr}")
         if not callable(factory):
             raise ValueError(f"handler {spec!r}: {attr} is not callable")
+    options = dict(options or {})
+    _check_options(spec, factory, options)
     try:
-        handler = factory(reactor=reactor, **dict(options or {}))
+        handler = factory(reactor=reactor, **options)
     except Exception as e:
         raise ValueError(f"handler {spec!r}: building it failed: {type(e).__name__}: {e}") from None
     if not callable(getattr(handler, "handle", None)):

@@ -18,9 +18,13 @@ COUNT <reclaim_count>`` from ``0-0`` until Redis returns the cursor ``0-0``.  Fo
 - The other claimed entries go to the handler as one batch (``reclaimed``); completed ones
   are acked, failed ones stay pending for the next pass.
 
-Optional idle-consumer cleanup (``idle_consumer_cleanup_ms > 0``): consumers idle longer than
-that are deleted only if they own no pending entry, checked atomically in Lua; consumers with
-pending entries are left alone until reclaim has taken their entries.
+Idle-consumer cleanup (``consumer_idle_cleanup`` seconds, default 3600; 0 = off), in the same
+pass but as its own step: every consumer name of the group on the partition (``XINFO
+CONSUMERS``) other than this consumer's own that is idle longer than that and owns no pending
+entry is deleted (``XGROUP DELCONSUMER``), the "no pending entry" checked again atomically in
+Lua.  So a SIGKILLed or replaced process's name goes away once reclaim has taken its entries,
+instead of staying in the group forever; a live consumer reads at least every ``block_ms``, so
+it never looks idle that long (and would just be recreated by its next read).
 
 ``min_idle_ms`` must exceed the longest a handler may take on a batch, or entries still being
 handled are redelivered elsewhere (at-least-once allows that; it costs duplicates).
@@ -38,7 +42,9 @@ from twisted.python.failure import Failure
 
 from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.handlers import run_handler
+from payflux.consumers.inspect import text
 from payflux.consumers.service import ack, is_error, remember_errors
+from payflux.observability.logsummary import repeated
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.streams.keys import StreamKeys
 from payflux.streams.outage import log_step_failure
@@ -172,17 +178,22 @@ class ReclaimService(Service):
         return d
 
     async def _reclaim_once(self) -> dict[str, int]:
-        totals = {"reclaimed": 0, "dead_lettered": 0, "deleted": 0, "calls": 0}
+        totals = {"reclaimed": 0, "dead_lettered": 0, "deleted": 0, "calls": 0, "consumers_removed": 0}
+        cleanup_ms = self.config.idle_cleanup_ms()
         for p in range(self.partitions):
-            try:
-                await self._partition(p, totals)
-                if self.config.idle_consumer_cleanup_ms > 0:
-                    await self._cleanup_idle_consumers(p)
-            except Exception:
-                failure = Failure()
-                if is_error(failure, "NOGROUP"):
-                    continue  # the reader recreates the group; nothing can be pending in it
-                self._step_failed(failure, f"partition {p}")
+            steps = [(f"partition {p}", self._partition(p, totals))]
+            if cleanup_ms > 0:
+                # its own step: a failed reclaim never skips the cleanup, nor the other way round
+                steps.append((f"idle consumer cleanup of partition {p}",
+                              self._cleanup_idle_consumers(p, cleanup_ms, totals)))
+            for what, step in steps:
+                try:
+                    await step
+                except Exception:
+                    failure = Failure()
+                    if is_error(failure, "NOGROUP"):
+                        continue  # the reader recreates the group; nothing can be pending in it
+                    self._step_failed(failure, what)
         return totals
 
     async def _partition(self, p: int, totals: dict[str, int]) -> None:
@@ -282,25 +293,31 @@ class ReclaimService(Service):
             self.metrics.dead_lettered.labels(
                 consumer=self.config.name, group=self.config.group, error_class=error_class
             ).inc()
-            log.warn("reclaim {consumer}: {stream_id} dead-lettered after {max} deliveries ({error_class})",
-                     consumer=self.config.name, stream_id=stream_id, max=self.config.max_deliveries,
-                     error_class=error_class)
+            # a flood of dead letters is one line per log_summary_interval per consumer, with counts
+            repeated(f"dead letter {self.config.name}", log).warn(
+                "reclaim {consumer}: {stream_id} dead-lettered after {max} deliveries ({error_class})",
+                consumer=self.config.name, stream_id=stream_id, max=self.config.max_deliveries,
+                error_class=error_class)
         elif result == -1:
             self.m_deleted.inc()
         return result == 1
 
-    async def _cleanup_idle_consumers(self, p: int) -> None:
+    async def _cleanup_idle_consumers(self, p: int, idle_ms: int, totals: dict[str, int]) -> None:
+        """Delete the group's other consumer names on partition ``p`` idle over ``idle_ms`` with nothing pending."""
         key = self.keys.events(p)
         rows = await self.redis.execute_command("XINFO", "CONSUMERS", key, self.config.group)
-        for row in rows:
-            info = dict(zip(row[::2], row[1::2]))
-            name = info.get("name")
+        for row in rows or ():
+            info = {text(k): v for k, v in zip(row[::2], row[1::2])}
+            name = text(info.get("name"))
             if name == self.consumer_name or int(info.get("pending", 1)) > 0:
                 continue
-            if int(info.get("idle", 0)) <= self.config.idle_consumer_cleanup_ms:
+            # "idle": ms since the consumer's last (attempted) read or claim; 7.2+ also has
+            # "inactive" (last successful one), which a live consumer on a quiet stream grows
+            if int(info.get("idle", 0)) <= idle_ms:
                 continue
             deleted = await evalsha(self.redis, DELETE_IDLE_CONSUMER_SCRIPT, DELETE_IDLE_CONSUMER_SHA,
                                     [key], [self.config.group, name])
             if int(deleted) == 0:
+                totals["consumers_removed"] += 1
                 log.info("reclaim {consumer}: removed idle consumer {name} from {stream}",
                          consumer=self.config.name, name=name, stream=key)

@@ -2,8 +2,9 @@
 Telling "Redis is unreachable" apart from real bugs in background loops.
 
 A consumer, reclaim pass, trimmer or sampler that fails because Redis is down, restarting or
-too slow logs one warning line with the reason (no traceback, metrics still count it) and
-tries again on its next step; anything else is unexpected and logged with its traceback.
+too slow logs one warning line with the reason (no traceback, metrics still count it; repeats
+summarised with counts, :mod:`payflux.observability.logsummary`) and tries again on its next
+step; anything else is unexpected and logged with its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import txredisapi
 from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from payflux.observability.logsummary import repeated
 
 _OUTAGE = (
     txredisapi.ConnectionError,  # includes txredisapi.TimeoutError (no reply in time)
@@ -40,9 +43,16 @@ def is_outage(failure: Failure | BaseException) -> bool:
 
 
 def log_step_failure(log: Logger, failure: Failure, message: str, **fields: Any) -> None:
-    """Log a failed background step: a warning with the reason for an outage, else a traceback."""
+    """
+    Log a failed background step: a warning with the reason for an outage, else a traceback.
+
+    Outage warnings of one step (message and consumer) are summarised: the first at once, then
+    one line per ``log_summary_interval`` with the count and the last reason, however often
+    the loop retries while Redis is down.
+    """
     if is_outage(failure):
         reason = failure.getErrorMessage() or type(failure.value).__name__
-        log.warn(message + " (Redis unavailable: {reason})", reason=reason, **fields)
+        kind = f"{log.namespace}: {message} [{fields.get('consumer', '')}]"
+        repeated(kind, log).warn(message + " (Redis unavailable: {reason})", reason=reason, **fields)
     else:
         log.failure(message, failure, **fields)

@@ -2,7 +2,9 @@
 
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -72,3 +74,29 @@ def reap_supervisor(proc, data_dir: str) -> None:
         proc.kill()
         proc.wait()
     kill_embedded_redis(data_dir)
+
+
+class NodeProcesses:
+    """
+    Mixin for a SynchronousTestCase that starts nodes as child processes: ``self.dir`` (a temp
+    dir), ``self.data_dir`` (the embedded Redis's, inside it), ``self.port`` (free), and
+    ``self.procs``, every one killed at cleanup along with an embedded Redis left behind.
+    """
+
+    dir_prefix = "payflux-node-"
+
+    def setUp(self) -> None:
+        from tests.support.redis import free_port
+
+        self.dir = tempfile.mkdtemp(prefix=self.dir_prefix)
+        self.data_dir = os.path.join(self.dir, "data")
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.addCleanup(self._reap)
+
+    def _reap(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        kill_embedded_redis(self.data_dir)
