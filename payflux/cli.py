@@ -1,14 +1,21 @@
 """
 The ``payflux`` operator command.
 
+- ``payflux serve [node options]``: run the node in the foreground, exactly ``twistd -n payflux``
+  (same options, exit statuses and signals; no pidfile; logs on stdout per ``log_format``).
 - ``payflux check-config [node options]``: validate settings exactly as ``twistd payflux`` would
   (file < env < options) and print them with secrets redacted; exit 2 on the first bad option.
 - ``payflux send``: post a sample event, N generated events, or a file of events (NDJSON, or a
   JSON array) to a running node and print each response; or, with ``--rate`` and ``--duration``,
   paced traffic (``--failure-rate``, ``--merchants``) for trying the risk consumer (docs/risk.md).
 - ``payflux stream info``: per partition: length, first/last id, groups (consumers, pending, lag,
-  oldest pending age) and DLQ depth.
+  last read, oldest pending age; stale ones named) and DLQ depth.
+- ``payflux group list|delete``: consumer groups (lag, pending, consumers, last read, stale ones
+  flagged by ``group_idle_warning``); delete one nobody uses (refused while it has lag, pending
+  entries or recent readers, unless ``--force``).
 - ``payflux dlq list|replay|purge``: inspect, re-append or delete dead letters.
+- ``payflux --help`` lists every command with one line each; ``payflux --version`` prints the
+  installed version; an unknown command is one line and exit 2.
 
 The Redis commands take ``--redis-url``, ``--stream-prefix``, ``--partitions``, ``--layout`` and ``--data-dir``,
 defaulting from the daemon's settings (``--config`` TOML file, ``PAYFLUX_*`` env); with no Redis
@@ -31,6 +38,13 @@ from twisted.python import usage
 
 from payflux.commandline import CommandError, OneLineParser
 from payflux.send import _send, sample_event  # noqa: F401 - sample_event: tests and bench import it from here
+
+
+def _serve(argv: Sequence[str]) -> int:
+    """``payflux serve [node options]``: the daemon in the foreground (``twistd -n payflux``'s options)."""
+    from payflux.tap import serve
+
+    return serve(argv)
 
 
 def _check_config(argv: Sequence[str]) -> int:
@@ -76,20 +90,27 @@ def _redis_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _connect(args: argparse.Namespace) -> tuple[Any, Any, int]:
-    """(SyncRedis or SyncCluster, StreamKeys, partitions) from the options and the daemon's settings loader."""
+def _settings(args: argparse.Namespace) -> Any:
+    """The daemon's settings (file < env < these options), as the Redis commands see them."""
     from payflux.config import ConfigError, load_settings
-    from payflux.streams.keys import StreamKeys
-    from payflux.streams.syncredis import open_sync
 
     # The CLI never authenticates producers: insecure_dev_mode only lifts the daemon's
     # "ingest needs API keys" check so an operator box without keys can use the CLI.
     overrides = {"redis_url": args.redis_url, "data_dir": args.data_dir, "stream_prefix": args.stream_prefix,
                  "partitions": args.partitions, "layout": args.layout, "insecure_dev_mode": True}
     try:
-        settings = load_settings(cli=overrides, config_path=args.config)
+        return load_settings(cli=overrides, config_path=args.config)
     except ConfigError as e:
         raise CommandError(str(e), 2) from None
+
+
+def _connect(args: argparse.Namespace, settings: Any = None) -> tuple[Any, Any, int]:
+    """(SyncRedis or SyncCluster, StreamKeys, partitions) from the options and the daemon's settings loader."""
+    from payflux.streams.keys import StreamKeys
+    from payflux.streams.syncredis import open_sync
+
+    if settings is None:
+        settings = _settings(args)
     url = settings.redis_url
     if url is None:
         socket_path = os.path.join(os.path.abspath(settings.data_dir), "redis.sock")
@@ -137,15 +158,23 @@ def _stream(argv: Sequence[str]) -> int:
     parser.add_argument("action", choices=["info"])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(list(argv))
-    redis, keys, partitions = _connect(args)
+    settings = _settings(args)
+    warning = settings.group_idle_warning
+    redis, keys, partitions = _connect(args, settings)
     with redis:
         now = time.time()
         facts = [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
         nodes = _cluster_nodes(redis, [f.stream for f in facts])
     if args.json:
-        print(json.dumps({"partitions": [{**f.as_dict(), **({"node": nodes[f.stream]} if nodes else {})}
-                                         for f in facts]}, indent=2))
+        out = []
+        for f in facts:
+            doc = {**f.as_dict(), **({"node": nodes[f.stream]} if nodes else {})}
+            for g, gdoc in zip(f.groups, doc["groups"]):
+                gdoc["stale"] = _stale(g.idle, warning)
+            out.append(doc)
+        print(json.dumps({"group_idle_warning": warning, "partitions": out}, indent=2))
         return 0
+    stale: dict[str, float] = {}
     for f in facts:
         where = f"  on {nodes[f.stream]}" if nodes else ""
         print(f"partition {f.partition}  {f.stream}{where}")
@@ -154,13 +183,126 @@ def _stream(argv: Sequence[str]) -> int:
         if not f.groups:
             print("  no consumer groups")
             continue
-        rows = [["group", "consumers", "pending", "lag", "last delivered", "oldest pending age"]]
+        rows = [["group", "consumers", "pending", "lag", "last delivered", "last read", "oldest pending age"]]
         for g in f.groups:
             lag = "unknown" if g.lag is None else str(g.lag)
-            rows.append([g.name, str(g.consumers), str(g.pending), lag, g.last_delivered_id,
+            rows.append([g.name, str(g.consumers), str(g.pending), lag, g.last_delivered_id, _ago(g.idle),
                          _age(g.oldest_pending_age)])
+            if _stale(g.idle, warning):
+                stale[g.name] = min(g.idle, stale.get(g.name, g.idle))
         print("\n".join(_table(rows, "  ")))
+    for name, idle in stale.items():
+        print(f"stale group {name}: not read for {_age(idle)} (group_idle_warning {_age(warning)}); "
+              f"if nothing uses it any more: payflux group delete {name}")
     return 0
+
+
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{_age(seconds)} ago"
+
+
+def _stale(idle: float | None, warning: float) -> bool:
+    """A group nobody has read (or claimed) for longer than ``group_idle_warning``."""
+    return idle is not None and idle > warning
+
+
+#: A group some consumer read this recently (or within group_idle_warning, if shorter) is in use:
+#: a running consumer reads at least every block_ms (at most 60 s) and, if its group is deleted,
+#: recreates it at start_id and reads the stream again.
+ACTIVE_WITHIN = 120.0
+
+
+def _group_rows(facts: list, warning: float) -> list[dict[str, Any]]:
+    rows = []
+    for f in facts:
+        for g in f.groups:
+            rows.append({"group": g.name, "partition": f.partition, "stream": f.stream, "consumers": g.consumers,
+                         "pending": g.pending, "lag": g.lag, "last_delivered_id": g.last_delivered_id,
+                         "idle": g.idle, "stale": _stale(g.idle, warning)})
+    rows.sort(key=lambda r: (r["group"], r["partition"]))
+    return rows
+
+
+def _group_list(args: argparse.Namespace, facts: list, warning: float, settings: Any) -> int:
+    rows = _group_rows(facts, warning)
+    if args.json:
+        print(json.dumps({"group_idle_warning": warning, "groups": rows}, indent=2))
+        return 0
+    if not rows:
+        print("no consumer groups")
+        return 0
+    table = [["group", "stream", "consumers", "pending", "lag", "last delivered", "last read", "state"]]
+    for r in rows:
+        state = "stale" if r["stale"] else ("no consumers" if r["idle"] is None else "ok")
+        table.append([r["group"], r["stream"], str(r["consumers"]), str(r["pending"]),
+                      "unknown" if r["lag"] is None else str(r["lag"]), r["last_delivered_id"], _ago(r["idle"]),
+                      state])
+    print("\n".join(_table(table)))
+    stale = sorted({r["group"] for r in rows if r["stale"]})
+    names = sorted({r["group"] for r in rows})
+    print(f"{len(names)} group(s); stale (not read for over {_age(warning)}, group_idle_warning): "
+          f"{', '.join(stale) or 'none'}")
+    return 0
+
+
+def _group_delete(args: argparse.Namespace, facts: list, redis: Any, settings: Any) -> int:
+    name = args.name
+    found = [(f, g) for f in facts for g in f.groups if g.name == name]
+    if not found:
+        raise CommandError(f"no consumer group {name!r} on any of the {len(facts)} partition(s) "
+                           "(see payflux group list)", 1)
+    reasons = []
+    for f, g in found:
+        why = []
+        if g.lag is None:
+            why.append("lag unknown")
+        elif g.lag:
+            why.append(f"lag {g.lag}")
+        if g.pending:
+            why.append(f"{g.pending} pending")
+        if why:
+            reasons.append(f"partition {f.partition}: {', '.join(why)}")
+    idle = [g.idle for _, g in found if g.idle is not None]
+    if idle and min(idle) < min(ACTIVE_WITHIN, settings.group_idle_warning):
+        reasons.append(f"a consumer read it {_age(min(idle))} ago (a running consumer recreates it at its "
+                       "start_id and reads the stream again)")
+    configured = [c.name for c in settings.consumers if c.group == name]
+    if configured:
+        reasons.append(f"[[consumers]] {', '.join(map(repr, configured))} of this configuration read it")
+    if reasons and not args.force:
+        raise CommandError(f"refusing to delete group {name!r}: {'; '.join(reasons)} "
+                           "(add --force to delete it anyway: its position and pending entries are lost)", 1)
+    deleted = [f.partition for f, _ in found if int(redis.command("XGROUP", "DESTROY", f.stream, name))]
+    if args.json:
+        print(json.dumps({"deleted": name, "partitions": deleted, "forced": bool(reasons)}))
+    else:
+        print(f"deleted group {name} from {len(deleted)} partition(s)" + (" (forced)" if reasons else ""))
+    return 0
+
+
+def _group(argv: Sequence[str]) -> int:
+    from payflux.consumers.inspect import partition_steps, run_sync
+
+    parser = _redis_parser("payflux group", "List consumer groups (lag, pending, consumers, last read; stale "
+                                            "ones flagged) or delete one.")
+    parser.add_argument("action", choices=["list", "delete"])
+    parser.add_argument("name", nargs="?", help="delete: the group to delete")
+    parser.add_argument("--force", action="store_true",
+                        help="delete: even with lag, pending entries or recent reads (they are lost)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args = parser.parse_args(list(argv))
+    if args.action == "delete" and not args.name:
+        raise CommandError("delete needs the group name: payflux group delete NAME", 2)
+    if args.action == "list" and (args.name or args.force):
+        raise CommandError("list takes no group name and no --force", 2)
+    settings = _settings(args)
+    redis, keys, partitions = _connect(args, settings)
+    with redis:
+        now = time.time()
+        facts = [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
+        if args.action == "list":
+            return _group_list(args, facts, settings.group_idle_warning, settings)
+        return _group_delete(args, facts, redis, settings)
 
 
 def _dlq_list(args: argparse.Namespace, redis: Any, keys: Any, partitions: int) -> int:
@@ -191,8 +333,9 @@ def _dlq_replay(args: argparse.Namespace, redis: Any, keys: Any, partitions: int
     from payflux.consumers.dlq import replay
 
 
-    def progress(done: int, total: int) -> None:
-        print(f"replayed {done}/{total}", file=sys.stderr if args.json else sys.stdout, flush=True)
+    def progress(handled: int, total: int, replayed: int) -> None:
+        print(f"progress: {handled}/{total} handled, {replayed} replayed", file=sys.stderr if args.json else sys.stdout,
+              flush=True)
 
     try:
         result = replay(redis, keys, partitions, ids=args.id or None, all=args.all, progress=progress,
@@ -250,18 +393,75 @@ def _dlq(argv: Sequence[str]) -> int:
         return action(args, redis, keys, partitions)
 
 
-COMMANDS = {"check-config": _check_config, "send": _send, "stream": _stream, "dlq": _dlq}
-USAGE = ("usage: payflux {check-config,send,stream info,dlq list|replay|purge} [options]"
-         "  (payflux COMMAND --help)\n")
+COMMANDS = {"serve": _serve, "check-config": _check_config, "send": _send, "stream": _stream,
+            "group": _group, "dlq": _dlq}
+
+#: One line per command (and action) for ``payflux --help``, in the order shown.
+SUMMARIES: dict[str, list[tuple[str, str]]] = {
+    "serve": [("serve", "run the node in the foreground (twistd -n payflux, same options)")],
+    "check-config": [("check-config", "validate settings as the daemon would; print them, secrets redacted")],
+    "send": [("send", "post a sample, generated or file events (or paced traffic) to a node")],
+    "stream": [("stream info", "per partition: length, first/last id, groups (lag, pending, last read), DLQ")],
+    "group": [("group list", "consumer groups: lag, pending, consumers, last delivered/read; stale flagged"),
+              ("group delete", "delete a consumer group (refused with lag, pending or readers, unless --force)")],
+    "dlq": [("dlq list", "dead letters: original id, group, deliveries, error"),
+            ("dlq replay", "put dead letters back on the stream (--id ID, or --all --yes)"),
+            ("dlq purge", "delete every dead letter (--yes)")],
+}
+
+
+def version() -> str:
+    """The installed package's version (setup.py), via importlib.metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("payflux")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def help_text() -> str:
+    lines = []
+    for name in COMMANDS:
+        summary = SUMMARIES.get(name)
+        if summary is None:  # a command without a line here: its function's docstring
+            doc = (COMMANDS[name].__doc__ or "").strip().splitlines()
+            summary = [(name, doc[0] if doc else "")]
+        lines.extend(summary)
+    width = max(len(n) for n, _ in lines)
+    return "\n".join([
+        "usage: payflux COMMAND [options]    (payflux COMMAND --help: its options)",
+        "",
+        "PayFlux operator command.  Redis commands read the node's settings (--config, PAYFLUX_*).",
+        "",
+        "commands:",
+        *(f"  {n.ljust(width)}  {text}" for n, text in lines),
+        "",
+        "options:",
+        f"  {'-h, --help'.ljust(width)}  show this help",
+        f"  {'--version'.ljust(width)}  print the version",
+        "",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from payflux.streams.syncredis import RedisConnectionError, RedisReplyError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        sys.stderr.write(USAGE)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write(help_text())
+        return 0
+    if argv and argv[0] == "--version":
+        print(f"payflux {version()}")
+        return 0
+    if not argv:
+        sys.stderr.write(help_text())
+        return 2
+    if argv[0] not in COMMANDS:
+        kind = "option" if argv[0].startswith("-") else "command"
+        sys.stderr.write(f"payflux: unknown {kind} {argv[0]!r} (see payflux --help)\n")
+        return 2
     prog = f"payflux {argv[0]}"
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -72,6 +72,32 @@ def _post(url: str, body: bytes, content_type: str, api_key: str | None, timeout
         return e.code, e.read().decode("utf-8", "replace")
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def node_url(value: str) -> str:
+    """
+    The base URL of ``--url``, without a trailing slash: ``http(s)://host[:port][/path]`` as
+    given, and the short forms ``host:port``, ``host:port/path``, ``host`` and ``:port``
+    (127.0.0.1) as ``http://...``.  CommandError (exit 2) for anything else.
+    """
+    from urllib.parse import urlsplit
+
+    text = value.strip()
+    url = text if _SCHEME.match(text) else "http://" + ("127.0.0.1" + text if text.startswith(":") else text)
+    wrong = f"--url {value!r}: expected http://host:port[/path] (or host:port, :port)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that isn't a number in 0-65535
+    except ValueError:
+        raise CommandError(wrong, 2) from None
+    if parts.scheme not in ("http", "https"):
+        raise CommandError(f"--url {value!r}: only http:// and https:// are supported", 2)
+    if not parts.hostname or parts.query or parts.fragment:
+        raise CommandError(wrong, 2)
+    return url.rstrip("/")
+
+
 def _read_events(path: str) -> list:
     """A file (or '-' for stdin) of NDJSON or one JSON array; ValueError names the bad line."""
     data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
@@ -115,7 +141,9 @@ def _send_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="payflux send", description="Post payment_exhaust events to a node: a sample event, N generated "
         "events, a file of events, or paced traffic (--rate with --duration or --count).")
-    parser.add_argument("--url", default=os.environ.get("PAYFLUX_URL", "http://127.0.0.1:8080"))
+    parser.add_argument("--url", default=os.environ.get("PAYFLUX_URL", "http://127.0.0.1:8080"),
+                        help="the node: http(s)://host:port[/path], or host:port, :port "
+                             "(default: $PAYFLUX_URL, else http://127.0.0.1:8080)")
     parser.add_argument("--api-key", default=os.environ.get("PAYFLUX_API_KEY"),
                         help="API key secret (default: $PAYFLUX_API_KEY; none in dev mode)")
     parser.add_argument("--file", help="NDJSON or JSON-array file of events ('-' = stdin)")
@@ -347,7 +375,7 @@ def _send(argv: Sequence[str], post: Callable[..., tuple[int, str]] = _post,
             total = round(args.rate * args.duration)
         events = _generated_events(args, total, random.Random(args.seed))
 
-    base = args.url.rstrip("/")
+    base = node_url(args.url)
     if args.rate is not None:
         return _send_traffic(args, events, total, base, post, now, sleep)
     statuses: dict[int, int] = {}

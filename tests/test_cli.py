@@ -311,3 +311,76 @@ class SendTrafficTests(unittest.TestCase):
             _send(["--url", "http://node.invalid:8080", "--rate", "100", "--count", "50", "--batch-size", "10"],
                   post=post, now=clock.now, sleep=clock.sleep)
         self.assertTrue(out.getvalue().startswith("interrupted: 2 requests (20/50 events"), out.getvalue())
+
+
+class SendUrlTests(unittest.TestCase):
+    """`payflux send --url` takes a full URL or the short host:port forms."""
+
+    def test_short_forms_are_http(self):
+        for given, base in (("127.0.0.1:28080", "http://127.0.0.1:28080"), (":28080", "http://127.0.0.1:28080"),
+                            ("node-1:8080/payflux/", "http://node-1:8080/payflux"),
+                            ("https://node-1:8443", "https://node-1:8443"), ("node-1", "http://node-1")):
+            clock = FakeClock()
+            node = FakeNode(clock)
+            with contextlib.redirect_stdout(io.StringIO()):
+                rc = _send(["--url", given, "--count", "1"], post=node.post, now=clock.now, sleep=clock.sleep)
+            self.assertEqual((rc, [url for _, url, _ in node.requests]), (0, [f"{base}/v1/events/payment_exhaust"]),
+                             given)
+
+    def test_bad_urls_are_one_line_exit_2(self):
+        for given, expected in (("ftp://node-1", "only http:// and https://"), ("node-1:99999", "expected http://"),
+                                ("node-1:http", "expected http://"), ("", "expected http://")):
+            err = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                rc = main(["send", "--url", given])
+            self.assertEqual((rc, err.getvalue().count("\n")), (2, 1), (given, err.getvalue()))
+            self.assertIn(expected, err.getvalue())
+            self.assertNotIn("unknown url type", err.getvalue())
+
+
+class TopLevelTests(unittest.TestCase):
+    """`payflux --help`, `--version`, unknown commands; the `make run` hint."""
+
+    def test_help_lists_every_command_with_a_line(self):
+        from payflux.cli import COMMANDS
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(main(["--help"]), 0)
+        text = out.getvalue()
+        commands = text.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        described = {line.split()[0]: line.split(None, 1)[1] for line in commands}
+        self.assertEqual(set(described), set(COMMANDS))
+        for line in commands:
+            self.assertGreater(len(line.split()), 3, line)  # a name (and action) and a description
+        for action in ("stream info", "group list", "group delete", "dlq list", "dlq replay", "dlq purge"):
+            self.assertIn(f"  {action} ", text)
+        self.assertIn("--version", text)
+
+    def test_version_unknown_command_and_no_command(self):
+        from importlib.metadata import version
+
+        result = subprocess.run([*PAYFLUX, "--version"], capture_output=True, text=True, timeout=30, env=clean_env())
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, f"payflux {version('payflux')}\n", ""))
+        for argv, line in ((["bogus"], "payflux: unknown command 'bogus' (see payflux --help)\n"),
+                           (["--frob"], "payflux: unknown option '--frob' (see payflux --help)\n")):
+            result = subprocess.run([*PAYFLUX, *argv], capture_output=True, text=True, timeout=30, env=clean_env())
+            self.assertEqual((result.returncode, result.stdout, result.stderr), (2, "", line))
+        result = subprocess.run(PAYFLUX, capture_output=True, text=True, timeout=30, env=clean_env())
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("commands:", result.stderr)
+
+    def test_make_run_prints_the_real_listen_address(self):
+        import shutil
+
+        if shutil.which("make") is None:
+            raise unittest.SkipTest("make not installed")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for listen, url in (("tcp:8080", "localhost:8080"), ("tcp:28080", "localhost:28080"),
+                            ("tcp:28080:interface=127.0.0.1", "127.0.0.1:28080"),
+                            ("ssl:8443:privateKey=k.pem:certKey=c.pem", "-k https://localhost:8443"),
+                            ("unix:/tmp/payflux.sock", "--unix-socket /tmp/payflux.sock http://localhost")):
+            result = subprocess.run(["make", "-s", "-n", "run", f"LISTEN={listen}"], cwd=root, capture_output=True,
+                                    text=True, timeout=30)
+            [curl] = [line for line in result.stdout.splitlines() if "curl" in line]
+            self.assertIn(f"curl -i -X POST {url}/v1/events/payment_exhaust ", curl, listen)

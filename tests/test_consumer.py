@@ -343,8 +343,24 @@ class HandlerProtocolTests(unittest.TestCase):
                 load_handler(spec, {}, reactor)
             self.assertIn(expected, str(cm.exception))
             self.assertNotIn("\n", str(cm.exception))
+        # an option the factory has no parameter for, or a required one missing: one line naming it
         with self.assertRaises(ValueError) as cm:
             load_handler("count_handler:CountHandler", {"bogus": 1}, reactor)
+        self.assertEqual(str(cm.exception), "unknown option 'bogus' for handler count_handler:CountHandler (known: label)")
+        with self.assertRaises(ValueError) as cm:
+            load_handler("webhook", {"urll": "https://example.com/", "secret": "0123456789abcdef0123"}, reactor)
+        self.assertTrue(str(cm.exception).startswith(
+            "unknown option 'urll' for handler webhook (known: url, secret, secret_file, mode, "), str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            load_handler("tests.support.handlers:RecordingHandler", {}, reactor)
+        self.assertEqual(str(cm.exception), "missing option 'key' for handler tests.support.handlers:RecordingHandler "
+                                            "(known: key, fail_types)")
+        # a factory taking **options checks its own; other constructor errors still name the type
+        with self.assertRaises(ValueError) as cm:
+            load_handler("risk", {"urll": 1}, reactor)
+        self.assertIn("handler 'risk': building it failed: ValueError: risk option urll", str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            load_handler("builtins:int", {"base": 10}, reactor)  # no signature to check; int() says why
         self.assertIn("building it failed: TypeError", str(cm.exception))
 
     def test_decode_entry_rejects_unusable_entries(self):
@@ -382,3 +398,46 @@ class HandlerProtocolTests(unittest.TestCase):
         self.assertEqual(default_consumer_name(), f"{socket.gethostname()}-{os.getpid()}")
         self.assertEqual([backoff(n) for n in (1, 2, 3)], [0.1, 0.2, 0.4])
         self.assertEqual(backoff(100), 30.0)
+
+
+class HandlerOptionErrorTests(unittest.TestCase):
+    """A bad exporter option is one config-error line and exit 2 at load time, like every other."""
+
+    def test_unknown_option_at_load_time(self):
+        import subprocess
+        import tempfile
+
+        from tests.support.process import PAYFLUX, clean_env
+
+        fd, path = tempfile.mkstemp(suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write('roles = ["consumers"]\n[[consumers]]\nname = "x"\ngroup = "x"\nhandler = "webhook"\n'
+                    'options = { urll = "https://example.com/", secret = "0123456789abcdef0123" }\n')
+        self.addCleanup(os.unlink, path)
+        result = subprocess.run([*PAYFLUX, "check-config", "--config", path, "--insecure-dev-mode"],
+                                capture_output=True, text=True, timeout=60, env=clean_env())
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("payflux: invalid [[consumers]] 'x': unknown option 'urll' for "
+                                                 "handler webhook (known: url, secret, "), result.stderr)
+        self.assertNotIn("TypeError", result.stderr)
+
+
+class ConsumerIdleCleanupConfigTests(unittest.TestCase):
+    def test_default_seconds_deprecated_ms_and_errors(self):
+        from payflux.consumers.config import consumer_from_table
+
+        base = {"name": "c", "group": "g", "handler": "noop"}
+        self.assertEqual(consumer_from_table(base, 0).idle_cleanup_ms(), 3_600_000)  # on by default: 1 h
+        self.assertEqual(consumer_from_table({**base, "consumer_idle_cleanup": 90}, 0).idle_cleanup_ms(), 90_000)
+        self.assertEqual(consumer_from_table({**base, "consumer_idle_cleanup": 0}, 0).idle_cleanup_ms(), 0)
+        self.assertEqual(consumer_from_table({**base, "idle_consumer_cleanup_ms": 5000}, 0).idle_cleanup_ms(), 5000)
+        for table, expected in (
+            ({"consumer_idle_cleanup": -1}, "consumer_idle_cleanup must be 0 (never) or a number of seconds"),
+            ({"consumer_idle_cleanup": "1h"}, "consumer_idle_cleanup must be 0 (never)"),
+            ({"consumer_idle_cleanup": 1, "block_ms": 2000}, "consumer_idle_cleanup must be longer than block_ms"),
+            ({"idle_consumer_cleanup_ms": 100, "block_ms": 200}, "idle_consumer_cleanup_ms must be longer than"),
+        ):
+            with self.assertRaises(ValueError) as cm:
+                consumer_from_table({**base, **table}, 0)
+            self.assertIn(expected, str(cm.exception))

@@ -83,6 +83,10 @@ class DlqCliMixin:
         doc = json.loads(result.stdout)
         self.assertEqual((len(doc["replayed"]), doc["missing"]), (1, [ids[1]]))
         self.assertEqual(self.r.command("XLEN", STREAM), 2)
+        # an id that isn't there: said once, nothing claimed to be replayed (no "replayed 1/1")
+        result = run("dlq", "replay", "--id", "1-0", *self.url)
+        self.assertEqual((result.returncode, result.stdout), (1, "not found 1-0\n0 replayed, 0 skipped, 1 not found\n"))
+        self.assertEqual(result.stderr, "")
         # a bad id: one line, exit 2, nothing done
         result = run("dlq", "replay", "--id", "yesterday", *self.url)
         self.assertEqual(result.returncode, 2)
@@ -105,8 +109,9 @@ class DlqCliMixin:
         self.assertEqual(run("dlq", "replay", "--all", *self.url).returncode, 2)  # needs --yes
         result = run("dlq", "replay", "--all", "--yes", *self.url)
         self.assertEqual(result.returncode, 0, result.stderr)
-        progress = [line for line in result.stdout.splitlines() if line.startswith("replayed ") and "/" in line]
-        self.assertEqual(progress, ["replayed 1000/2500", "replayed 2000/2500", "replayed 2500/2500"])
+        progress = [line for line in result.stdout.splitlines() if line.startswith("progress: ")]
+        self.assertEqual(progress, ["progress: 1000/2500 handled, 1000 replayed",
+                                    "progress: 2000/2500 handled, 2000 replayed"])
         self.assertTrue(result.stdout.endswith("2500 replayed, 0 skipped, 0 not found\n"))
         self.assertEqual((self.r.command("XLEN", DLQ), self.r.command("XLEN", STREAM)), (0, 2500))
         events = [e[1][3] for e in self.r.command("XRANGE", STREAM, "-", "+")]
@@ -138,8 +143,11 @@ class DlqCliMixin:
         self.assertEqual(lines[0], "partition 0  payflux:{0}:events")
         self.assertEqual(lines[1].split(), ["length", "10", "first", "1000000-0", "last", "1009000-0",
                                             "dead", "letters", "1", "(payflux:{0}:dlq)"])
+        self.assertEqual(lines[2].split(), ["group", "consumers", "pending", "lag", "last", "delivered", "last",
+                                            "read", "oldest", "pending", "age"])
         self.assertEqual(lines[3].split()[:5], ["risk", "1", "3", "6", "1003000-0"])
-        self.assertRegex(lines[3], r"\d+d \d+h$")  # ids from 1970: days old
+        self.assertRegex(lines[3], r"1003000-0 +\d+\.\ds ago +\d+d \d+h$")  # read just now; ids from 1970: days old
+        self.assertEqual(len(lines), 4)  # nobody stale
         doc = json.loads(run("stream", "info", "--json", *self.url).stdout)
         [p] = doc["partitions"]
         self.assertEqual((p["length"], p["first_id"], p["last_id"], p["dlq_depth"]), (10, "1000000-0", "1009000-0", 1))
@@ -147,6 +155,9 @@ class DlqCliMixin:
         self.assertEqual((g["name"], g["consumers"], g["pending"], g["lag"], g["oldest_pending_id"]),
                          ("risk", 1, 3, 6, "1001000-0"))
         self.assertGreater(g["oldest_pending_age"], 1e9)
+        self.assertLess(g["idle"], 60)
+        self.assertIs(g["stale"], False)
+        self.assertEqual(doc["group_idle_warning"], 86400)
 
     def test_settings_from_config_file_env_and_embedded_socket(self):
         prefix = StreamKeys("shop")
@@ -183,6 +194,9 @@ class CliErrorTests(unittest.TestCase):
             (("dlq", "list", "--id", "1-0", "--redis-url", "redis://127.0.0.1:1/0"), 2, "options of replay"),
             (("dlq", "frobnicate"), 2, "invalid choice"),
             (("stream", "info", "--config", "/nonexistent.toml"), 2, "cannot read"),
+            (("group", "delete", "--redis-url", "redis://127.0.0.1:1/0"), 2, "delete needs the group name"),
+            (("group", "list", "--force", "--redis-url", "redis://127.0.0.1:1/0"), 2, "list takes no group name"),
+            (("group", "rename", "x"), 2, "invalid choice"),
         ]
         for args, status, text in cases:
             result = run(*args)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from payflux.consumers.inspect import (count_after_steps, id_age, parse_id, parse_xinfo_groups, partition_steps,
-                                       run_sync)
+import time
+
+from payflux.consumers.inspect import (count_after_steps, group_idle, id_age, parse_id, parse_xinfo_consumers,
+                                       parse_xinfo_groups, partition_steps, run_sync)
 from payflux.streams.keys import StreamKeys
 from payflux.streams.syncredis import SyncRedis
 from tests.support.redis import redis_test_cases
@@ -30,6 +32,16 @@ class PureTests(unittest.TestCase):
         for reply in (v62, v7):
             [g] = parse_xinfo_groups(reply)
             self.assertEqual((g["name"], g["pending"], g["last_delivered_id"], g["lag"]), ("g", 2, "5-0", None))
+
+
+    def test_xinfo_consumers_and_group_idle(self):
+        v62 = [["name", "a", "pending", 0, "idle", 5000], ["name", "b", "pending", 2, "idle", 1500]]
+        v72 = [["name", "a", "pending", 0, "idle", 5000, "inactive", -1]]
+        self.assertEqual(parse_xinfo_consumers(v62), [{"name": "a", "pending": 0, "idle_ms": 5000},
+                                                      {"name": "b", "pending": 2, "idle_ms": 1500}])
+        self.assertEqual(group_idle(parse_xinfo_consumers(v62)), 1.5)  # the most recent reader
+        self.assertEqual(group_idle(parse_xinfo_consumers(v72)), 5.0)
+        self.assertIsNone(group_idle([]))
 
 
 class InspectMixin:
@@ -110,6 +122,21 @@ class InspectMixin:
         as_dict = self.facts().as_dict()
         self.assertEqual(as_dict["groups"][0]["name"], "g")
         self.assertIsInstance(as_dict["groups"], list)
+
+    def test_group_idle_is_since_the_most_recent_read(self):
+        self.add(range(1000, 1004))
+        self.redis.command("XGROUP", "CREATE", STREAM, "g", "0")
+        self.redis.command("XGROUP", "CREATE", STREAM, "unread", "0")
+        self.redis.command("XREADGROUP", "GROUP", "g", "old", "COUNT", "1", "STREAMS", STREAM, ">")
+        time.sleep(0.1)
+        self.redis.command("XREADGROUP", "GROUP", "g", "new", "COUNT", "1", "STREAMS", STREAM, ">")
+        groups = {g.name: g for g in self.facts().groups}
+        idle = {c["name"]: c["idle_ms"] / 1000 for c in
+                parse_xinfo_consumers(self.redis.command("XINFO", "CONSUMERS", STREAM, "g"))}
+        self.assertLess(groups["g"].idle, idle["old"])  # the newer reader counts
+        self.assertLess(groups["g"].idle, 10)
+        self.assertIsNone(groups["unread"].idle)  # no consumer names: unknown, not 0
+        self.assertIn("idle", self.facts().as_dict()["groups"][0])
 
 
 redis_test_cases(InspectMixin, globals())

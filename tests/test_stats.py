@@ -97,5 +97,27 @@ class StatsMixin:
         self.assertEqual(self.value("payflux_group_lag", group="g"), 2)
         self.assertEqual(self.value("payflux_dlq_depth"), 0)
 
+    @inlineCallbacks
+    def test_group_idle_gauge(self):
+        self.add(range(1000, 1003))
+        self.cmd("XGROUP", "CREATE", STREAM, "read", "0")
+        self.cmd("XGROUP", "CREATE", STREAM, "unread", "0")
+        self.cmd("XREADGROUP", "GROUP", "read", "c", "COUNT", "1", "STREAMS", STREAM, ">")
+        yield self.sampler.sample_once()
+        idle = self.value("payflux_group_idle_seconds", group="read")
+        self.assertIsNotNone(idle)
+        self.assertTrue(0 <= idle < 10, idle)
+        self.assertIsNone(self.value("payflux_group_idle_seconds", group="unread"))  # no consumers: absent
+        self.cmd("XGROUP", "DESTROY", STREAM, "read")
+        yield self.sampler.sample_once()
+        self.assertIsNone(self.value("payflux_group_idle_seconds", group="read"))
+
+    def test_idle_warning_gauge_carries_the_option(self):
+        """PayfluxConsumerGroupStale compares against it: default a day, else the node's option."""
+        self.assertEqual(self.registry.get_sample_value("payflux_group_idle_warning_seconds"), 86400.0)
+        registry = CollectorRegistry()
+        GroupStatsSampler(self.redis, KEYS, 1, ConsumerMetrics(registry), self.clock, idle_warning=600.0)
+        self.assertEqual(registry.get_sample_value("payflux_group_idle_warning_seconds"), 600.0)
+
 
 redis_test_cases(StatsMixin, globals())

@@ -27,7 +27,16 @@ class ConsumerConfig:
     reclaim_count: int = 100       # XAUTOCLAIM COUNT per call
     start_id: str = "0"            # where a (re)created group starts: "0" = whole stream, "$" = new only
     consumer_name: str | None = None  # default: "<hostname>-<pid>"
-    idle_consumer_cleanup_ms: int = 0  # delete consumers idle this long with no pending entries; 0 = never
+    # seconds: the reclaim loop deletes other consumer names of the group idle this long with
+    # nothing pending (a SIGKILLed or replaced process's name); 0 = never
+    consumer_idle_cleanup: float = 3600.0
+    idle_consumer_cleanup_ms: int | None = None  # deprecated: the same in milliseconds; wins when set
+
+    def idle_cleanup_ms(self) -> int:
+        """Idle milliseconds after which a consumer name with nothing pending is deleted; 0 = never."""
+        if self.idle_consumer_cleanup_ms is not None:
+            return self.idle_consumer_cleanup_ms
+        return int(self.consumer_idle_cleanup * 1000)
 
 
 @attrs.frozen
@@ -67,6 +76,20 @@ def consumer_from_table(table: dict[str, Any], index: int) -> ConsumerConfig:
         value = table["reclaim_interval"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 3600:
             raise ValueError(f"{where}: reclaim_interval must be a number of seconds from 0.01 to 3600")
+    if "consumer_idle_cleanup" in table:
+        value = table["consumer_idle_cleanup"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or 1 <= value <= 30 * 86400):
+            raise ValueError(f"{where}: consumer_idle_cleanup must be 0 (never) or a number of seconds "
+                             f"from 1 to {30 * 86400}")
+        table = {**table, "consumer_idle_cleanup": float(value)}
+    defaults = attrs.fields(ConsumerConfig)
+    cleanup_key = "idle_consumer_cleanup_ms" if "idle_consumer_cleanup_ms" in table else "consumer_idle_cleanup"
+    cleanup_ms = table.get("idle_consumer_cleanup_ms",
+                           table.get("consumer_idle_cleanup", defaults.consumer_idle_cleanup.default) * 1000)
+    block_ms = table.get("block_ms", defaults.block_ms.default)
+    if 0 < cleanup_ms <= block_ms:
+        # a live consumer blocked in XREADGROUP looks idle for up to block_ms: never delete it
+        raise ValueError(f"{where}: {cleanup_key} must be longer than block_ms ({block_ms} ms), or 0 (never)")
     if "start_id" in table and table["start_id"] not in ("0", "$"):
         raise ValueError(f"{where}: start_id must be \"0\" (whole stream) or \"$\" (new entries only)")
     if "options" in table and not isinstance(table["options"], dict):

@@ -24,6 +24,11 @@ Lag (entries in the stream that the group has not been delivered yet):
   guess.  The commands are not one atomic snapshot, so appends during the count can make it
   differ from an instant value by the number of concurrent appends.
 
+Group idle time (``GroupFacts.idle``) is how long ago any consumer of the group last read or
+claimed: the smallest ``idle`` of ``XINFO CONSUMERS`` (one more command per group).  A running
+consumer reads at least every ``block_ms``, so a large value means nobody runs the group any
+more (``payflux group list``, ``payflux_group_idle_seconds``, ``group_idle_warning``).
+
 Oldest pending age is measured by stream id time: ``now - ms part of the smallest pending id``,
 i.e. how long ago the oldest unacknowledged entry was appended (clamped at 0).
 """
@@ -97,6 +102,20 @@ def parse_xinfo_groups(reply: Sequence[Any]) -> list[dict[str, Any]]:
     return groups
 
 
+def parse_xinfo_consumers(reply: Sequence[Any]) -> list[dict[str, Any]]:
+    """``XINFO CONSUMERS`` -> ``[{name, pending, idle_ms}]`` (``idle``: ms since the last attempted read or claim)."""
+    out = []
+    for raw in reply or ():
+        c = pairs(raw)
+        out.append({"name": text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])})
+    return out
+
+
+def group_idle(consumers: Sequence[dict[str, Any]]) -> float | None:
+    """Seconds since any of ``consumers`` last read: the smallest idle time; None without consumers."""
+    return min(c["idle_ms"] for c in consumers) / 1000.0 if consumers else None
+
+
 def parse_xpending_summary(reply: Sequence[Any]) -> tuple[int, str | None, str | None]:
     """``XPENDING key group`` -> ``(count, smallest id or None, greatest id or None)``."""
     count = int(reply[0])
@@ -120,6 +139,9 @@ class GroupFacts:
     lag_source: str | None        # "redis" (7.x XINFO), "computed" or None when unknown
     oldest_pending_id: str | None
     oldest_pending_age: float | None  # seconds, by stream id time; None when nothing pending
+    # seconds since any consumer of the group last read or claimed (the smallest XINFO CONSUMERS
+    # "idle"); None when the group has no consumer names (never read, or every name deleted)
+    idle: float | None = None
 
 
 @attrs.frozen
@@ -198,11 +220,15 @@ def partition_steps(keys: StreamKeys, partition: int, now: float, max_scan: int 
             oldest = None
             if g["pending"]:
                 _, oldest, _ = parse_xpending_summary((yield ("XPENDING", stream, g["name"])))
+            idle = None
+            if g["consumers"]:
+                idle = group_idle(parse_xinfo_consumers((yield ("XINFO", "CONSUMERS", stream, g["name"]))))
             groups.append(GroupFacts(
                 name=g["name"], consumers=g["consumers"], pending=g["pending"],
                 last_delivered_id=g["last_delivered_id"], lag=lag, lag_source=source,
                 oldest_pending_id=oldest,
                 oldest_pending_age=id_age(oldest, now) if oldest is not None else None,
+                idle=idle,
             ))
     elif kind != "none":
         raise ValueError(f"{stream} is a {kind}, not a stream")

@@ -9,6 +9,10 @@ reactor, a Clock in tests) with the same step functions as ``payflux stream info
   can't be known the label set is **removed** (absent), never 0;
 - ``payflux_group_pending``: the group's pending count (0 is a real value);
 - ``payflux_group_oldest_pending_age_seconds``: absent when nothing is pending;
+- ``payflux_group_idle_seconds``: seconds since any consumer of the group last read or claimed
+  (absent for a group without consumers); a group nobody runs any more keeps growing it, which
+  the ``PayfluxConsumerGroupStale`` rule (against ``payflux_group_idle_warning_seconds``, the
+  node's ``group_idle_warning``) and ``payflux group list`` flag;
 - ``payflux_dlq_depth{partition}``.
 
 Groups that disappear are removed from every gauge.  When a partition can't be read (Redis
@@ -47,7 +51,8 @@ class GroupStatsSampler(PeriodicService):
     """Fills the consumer-group gauges of ``metrics`` every ``interval`` seconds (see module doc)."""
 
     def __init__(self, redis: Any, keys: StreamKeys, partitions: int, metrics: ConsumerMetrics, reactor: Any,
-                 interval: float = 5.0, ready: ReadyArg = None, max_scan: int = 10_000) -> None:
+                 interval: float = 5.0, ready: ReadyArg = None, max_scan: int = 10_000,
+                 idle_warning: float = 86400.0) -> None:
         self.redis = redis
         self.keys = keys
         self.partitions = partitions
@@ -57,6 +62,7 @@ class GroupStatsSampler(PeriodicService):
         self.ready = ready
         self.max_scan = max_scan
         self._groups: dict[int, set[str]] = {}  # groups with gauges, per partition
+        metrics.idle_warning.set(idle_warning)
 
     def run_pass(self) -> defer.Deferred:
         return self.sample_once()
@@ -94,11 +100,15 @@ class GroupStatsSampler(PeriodicService):
                 _remove(m.oldest_pending_age, g.name, label)
             else:
                 m.oldest_pending_age.labels(group=g.name, partition=label).set(g.oldest_pending_age)
+            if g.idle is None:
+                _remove(m.idle, g.name, label)
+            else:
+                m.idle.labels(group=g.name, partition=label).set(g.idle)
         self._forget(facts.partition, {g.name for g in facts.groups})
 
     def _forget(self, p: int, keep: set[str]) -> None:
         """Remove the gauges of partition ``p``'s groups that are not in ``keep``."""
         for name in self._groups.get(p, set()) - keep:
-            for gauge in (self.metrics.lag, self.metrics.pending, self.metrics.oldest_pending_age):
+            for gauge in (self.metrics.lag, self.metrics.pending, self.metrics.oldest_pending_age, self.metrics.idle):
                 _remove(gauge, name, str(p))
         self._groups[p] = set(keep)

@@ -169,6 +169,18 @@ class ConsumerMetrics:
             ["group", "partition"],
             registry=r,
         )
+        self.idle = Gauge(
+            "payflux_group_idle_seconds",
+            "Seconds since any consumer of the group last read or claimed on the partition (XINFO CONSUMERS); "
+            "absent for a group without consumers.",
+            ["group", "partition"],
+            registry=r,
+        )
+        self.idle_warning = Gauge(
+            "payflux_group_idle_warning_seconds",
+            "The node's group_idle_warning: a group idle longer than this is stale (PayfluxConsumerGroupStale).",
+            registry=r,
+        )
         self.dlq_depth = Gauge("payflux_dlq_depth", "Entries in the dead-letter stream.", ["partition"], registry=r)
 
 
