@@ -29,6 +29,7 @@ from payflux.events import EventValidator, MalformedJSON, decode_batch_body, dec
 from payflux.ingest.auth import Authenticator, RateLimiter
 from payflux.ingest.errors import ApiError, unavailable
 from payflux.ingest.openapi import openapi_document
+from payflux.observability.logsummary import repeated
 from payflux.observability.metrics import Metrics
 from payflux.streams.writer import IdempotencyConflict, PreparedEvent, RedisUnavailable, StreamWriter
 
@@ -96,7 +97,7 @@ class IngestApp:
         self.inflight_requests = 0
         self._idle: list[Deferred] = []
 
-    # --- plumbing used by the Site (early 413) ---
+    # --- plumbing used by the Site (early answers, see http.py) ---
 
     def body_limit(self, path: bytes) -> int:
         if path == BATCH_PATH:
@@ -105,14 +106,38 @@ class IngestApp:
             return self.limits.max_event_bytes
         return SMALL_BODY_LIMIT
 
-    def preflight(self, request: Request) -> str:
-        """401 and 429 checks; returns the caller's key id."""
-        key_id = self.authenticator.authenticate(request.getHeader(b"authorization"), request.args)
+    def preflight(self, request: Request) -> str | None:
+        """
+        The checks that need only the head, in the documented order: 503 draining, 401 auth
+        (400 ``duplicate_authorization`` for two Authorization headers), 429 rate.  Returns
+        the caller's key id; None for a request that takes no key (anything but a POST to an
+        ingest path).  IngestSite runs it as soon as a head is in, before any body byte, and
+        keeps the key id on the request (``payflux_key_id``): asked again, it returns that.
+        """
+        key_id = getattr(request, "payflux_key_id", None)
+        if key_id is not None:
+            return key_id
+        if request.method != b"POST" or (request.path != SINGLE_PATH and request.path != BATCH_PATH):
+            return None
+        if self.draining:
+            raise unavailable("draining", "node is shutting down; retry on another node", 1)
+        authorization = request.requestHeaders.getRawHeaders(b"authorization")
+        if authorization is not None and len(authorization) > 1:
+            raise ApiError(400, "duplicate_authorization", "more than one Authorization header; send exactly one")
+        key_id = self.authenticator.authenticate(authorization[0] if authorization else None, request.args)
         self.limiter.check(key_id)
         return key_id
 
-    def on_early_reject(self, request: Request, error: ApiError) -> None:
+    def on_early_reject(self, request: Request | None, error: ApiError) -> None:
+        """
+        Count an answer IngestSite gave before the app saw the request (preflight's errors at
+        the end of the head, 413, 400 framing, 408/414/431); on an ingest path it is also
+        observed in the request histogram, as it was when the app gave it.
+        """
         self._count_rejection(error, "-", 0)
+        path = getattr(request, "path", None)
+        if path == SINGLE_PATH or path == BATCH_PATH:
+            self._observe("batch" if path == BATCH_PATH else "single", error.status, self.seconds())
 
     def resource(self):
         return self.app.resource()
@@ -280,7 +305,7 @@ class IngestApp:
             self._observe(endpoint, 409, started)
             raise error from None
         except RedisUnavailable as e:
-            log.warn("append failed, answering 503: {reason}", reason=str(e), key_id=key_id)
+            repeated("append failed", log).warn("append failed, answering 503: {reason}", reason=str(e), key_id=key_id)
             error = unavailable(
                 getattr(e, "code", "redis_unavailable"),  # ReplicasNotAcked: written, not yet on replicas
                 getattr(e, "client_message", "event store unavailable; nothing was written"),
@@ -334,6 +359,10 @@ async def not_ready(request: Request, draining: bool, ping: Callable[[], Deferre
     """
     The 503 body (with Retry-After) of a readiness probe when the node drains or Redis doesn't
     answer ``ping``; None when both are fine.  Shared by the ingest and side listeners.
+
+    ``ping`` must answer fast (the node's is :meth:`payflux.node.RedisHealth.check`: within
+    50 ms); the ``message`` is its failure as a sentence, e.g. "cannot connect to Redis at
+    10.0.0.5:6379: connection refused (last success 12 s ago)".
     """
     if draining:
         request.setHeader(b"Retry-After", b"5")
@@ -358,5 +387,16 @@ def _line_detail(e: MalformedJSON) -> list:
     return [{"line": line, "code": "malformed_json", "message": str(e)}] if line else []
 
 
-def _reason(e: Exception) -> str:
-    return str(e) or type(e).__name__
+def _reason(e: BaseException) -> str:
+    """A failed readiness ping as words: never a repr such as ``(2.0, 'Deferred')``."""
+    from twisted.internet import defer
+
+    if isinstance(e, defer.TimeoutError):  # Deferred.addTimeout's, whose str() is its args tuple
+        seconds = e.args[0] if e.args and isinstance(e.args[0], (int, float)) else None
+        return f"no answer from Redis within {seconds:g} s" if seconds is not None else "no answer from Redis in time"
+    if isinstance(e, defer.CancelledError):
+        return "the Redis check was cancelled"
+    text = str(e).strip()
+    if not text or (text.startswith("(") and text.endswith(")")):
+        return f"Redis check failed ({type(e).__name__})"
+    return text.removeprefix("Redis error: ")
