@@ -4,7 +4,8 @@ twistd glue: ``twistd -n payflux [options]`` and ``payflux serve [options]``.
 Wiring only.  ``Options`` is generated from :data:`payflux.config.OPTIONS` so ``--help`` lists
 every setting; ``postOptions`` merges file, environment and command line into validated
 :class:`~payflux.config.Settings` and exits with one clear line on any invalid value.
-``makeService`` hands the settings to :func:`payflux.node.build_node` and, under twistd, picks
+``makeService`` hands the settings to :func:`payflux.node.build_node` (which builds the
+consumers' handlers; one that can't be built is one line and exit 2) and, under twistd, picks
 the log observer the settings ask for (``log_format``, ``log_level``, ``log_summary_interval``;
 an explicit ``twistd --logger`` or ``--syslog`` wins).  :func:`serve` is ``payflux serve``: twistd's
 own machinery, in this process, as ``twistd --nodaemon --pidfile= payflux [options]``.
@@ -61,23 +62,16 @@ class Options(usage.Options):
         except ConfigError as e:
             sys.stderr.write(f"payflux: {e}\n")
             raise SystemExit(2)
-        # Build consumer handlers now, so a handler that can't be imported or built is one
-        # line and exit 2 here rather than a traceback from inside twistd.
-        self.handlers = {}
-        if "consumers" in self.settings.roles:
-            from twisted.internet import reactor
-
-            from payflux.consumers.handlers import load_handler
-
-            for consumer in self.settings.consumers:
-                try:
-                    self.handlers[consumer.name] = load_handler(consumer.handler, consumer.options, reactor)
-                except ValueError as e:
-                    sys.stderr.write(f"payflux: invalid [[consumers]] {consumer.name!r}: {e}\n")
-                    raise SystemExit(2)
 
 
 def makeService(options: Options, reactor=None):
+    """
+    The node (or ``--workers`` supervisor) for ``options.settings``.  The consumers' handlers
+    are built here, by the node (:func:`payflux.consumers.handlers.build_handlers`), never while
+    parsing options: one that can't be imported or built is one line on stderr and exit 2, not
+    a traceback from inside twistd.
+    """
+    from payflux.consumers.handlers import HandlerError
     from payflux.node import build_node
     from payflux.observability import logs
 
@@ -86,14 +80,20 @@ def makeService(options: Options, reactor=None):
     settings = options.settings
     logs.configure(level=settings.log_level, summary_interval=settings.log_summary_interval)
     twistd = getattr(options, "parent", None)  # twistd's ServerOptions; None when called directly
+    try:
+        if settings.workers > 1:
+            from payflux.supervisor import build_supervisor
+
+            service = build_supervisor(settings, reactor)
+        else:
+            service = build_node(settings, reactor)
+    except HandlerError as e:
+        sys.stderr.write(f"payflux: {e}\n")
+        raise SystemExit(2) from None
+    # after the build: a start refused above leaves no log file behind
     observer, log_format = _log_observer(settings, twistd)
     if settings.workers > 1:
-        from payflux.workers import build_supervisor
-
-        # Workers log in the supervisor's format, to its stdout (twistd -n).
-        service = build_supervisor(settings, reactor, handlers=options.handlers, log_format=log_format)
-    else:
-        service = build_node(settings, reactor, handlers=options.handlers)
+        service.workers.log_format = log_format  # workers log in the supervisor's format, to its stdout
     if twistd is None:
         return service
     return LoggingRoot(service, observer, reactor)

@@ -6,8 +6,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from payflux.config import ApiKey
-from payflux.ingest.auth import Authenticator, RateLimiter
+from payflux.ingest.auth import Authenticator
 from payflux.ingest.errors import ApiError
+from payflux.ingest.ratelimit import RateLimiter
 
 OLD = ApiKey("old", b"old-secret-0123456789")
 NEW = ApiKey("new", b"new-secret-0123456789")

@@ -189,6 +189,37 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
+    def test_handlers_are_built_by_make_service_not_by_option_parsing(self):
+        import io
+
+        from twisted.internet import reactor
+
+        from payflux.tap import Options, makeService
+        from tests.support import handlers
+
+        table = '[[consumers]]\nname = "{name}"\ngroup = "g"\nhandler = "{handler}"\n'
+        good = table.format(name="rec", handler="tests.support.handlers:RecordingHandler")
+        good += 'options = { key = "built-by-make-service" }\n'
+        path = _file(self, 'roles = ["consumers"]\n' + good)
+        options = Options()
+        options.parseOptions(["--config", path, "--redis-url", "redis://127.0.0.1:1"])
+        self.assertNotIn("built-by-make-service", handlers.SEEN)  # parsing built nothing
+        node = makeService(options, reactor)
+        self.assertIn("built-by-make-service", handlers.SEEN)
+        [consumer] = [s for s in node if getattr(s, "name", "") == "consumer:rec"]
+        self.assertIsInstance(consumer.handler, handlers.RecordingHandler)
+        # one that can't be built: parsing still passes, makeService is the one line and exit 2
+        path = _file(self, 'roles = ["consumers"]\n' + good + table.format(name="bad", handler="nope.mod:X"))
+        options = Options()
+        options.parseOptions(["--config", path, "--redis-url", "redis://127.0.0.1:1"])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options, reactor)
+        self.assertEqual(caught.exception.code, 2)
+        self.assertEqual(stderr.getvalue(), "payflux: invalid [[consumers]] 'bad': handler 'nope.mod:X': cannot "
+                                            "import nope.mod: ModuleNotFoundError: No module named 'nope'\n")
+
     def test_check_config(self):
         result = _run(sys.executable, "-m", "payflux.cli", "check-config", "--api-keys", KEYS)
         self.assertEqual(result.returncode, 0, result.stderr)

@@ -25,6 +25,7 @@ from payflux.consumers.handlers import Entry, load_handler
 from payflux.exporters import file as file_module
 from payflux.exporters.file import FileExporter
 from payflux.exporters.records import export_record, ndjson_lines
+from payflux.node import ReopenOnSighup
 from payflux.observability.metrics import Metrics
 from tests.support.consumers import sleep, wait_for
 from tests.support.process import TWISTD, clean_env
@@ -315,23 +316,96 @@ class FileExporterTests(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout, ndjson_lines(batch(0, 5)))
 
-    def test_sighup_handler_reopens_every_file_exporter_from_the_reactor_thread(self):
-        scheduled = []
+    def sighup_service(self, scheduled: list) -> ReopenOnSighup:
+        """The node's SIGHUP service on a reactor that records what the handler hands over."""
 
         class FakeReactor:
             def callFromThread(self, f, *args):
                 scheduled.append(f)
 
-        self.patch(file_module, "_sighup", {"previous": None, "reactor": FakeReactor()})
+        original = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
+        return ReopenOnSighup(FakeReactor())
+
+    def test_sighup_handler_reopens_every_file_exporter_from_the_reactor_thread(self):
+        scheduled = []
+        service = self.sighup_service(scheduled)
         exp = self.exporter(task.Clock(), fsync="never")
+        self.assertTrue(file_module.reopens_on_sighup(exp))
         exp.handle(batch(0, 1))
+        service.startService()
+        self.addCleanup(service.stopService)
         os.rename(self.path, self.path + ".1")
-        file_module._on_sighup(signal.SIGHUP, None)
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # what the process's SIGHUP runs
         self.assertEqual(scheduled, [file_module.reopen_all])  # nothing done in the signal handler itself
         self.assertFalse(os.path.exists(self.path))
         scheduled[0]()
         exp.handle(batch(1, 1))
         self.assertEqual(ids_in(self.path), ["evt-00001"])
+
+    def test_sighup_handler_is_the_nodes_while_it_runs_and_chains_to_the_previous_one(self):
+        scheduled, previous_calls = [], []
+
+        def previous(signum, frame):
+            previous_calls.append(signum)
+
+        service = self.sighup_service(scheduled)
+        signal.signal(signal.SIGHUP, previous)
+        FileExporter(reactor=task.Clock(), path=self.path).close()  # building one installs nothing
+        self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+        service.startService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), service._on_sighup)
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        self.assertEqual((scheduled, previous_calls), ([file_module.reopen_all], [signal.SIGHUP]))
+        service.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+        # a stdout exporter, or a closed one, is not reopened
+        self.assertFalse(file_module.reopens_on_sighup(FileExporter(reactor=task.Clock(), path="-")))
+        closed = FileExporter(reactor=task.Clock(), path=self.path)
+        closed.close()
+        self.assertFalse(file_module.reopens_on_sighup(closed))
+
+    def test_the_node_owns_sighup_only_with_a_file_exporter(self):
+        from payflux.config import load_settings
+        from payflux.consumers.handlers import close_handler
+        from payflux.consumers.service import ConsumerService
+        from payflux.node import build_node
+
+        def node(handler: str, options: str):
+            fd, config = tempfile.mkstemp(suffix=".toml")
+            with os.fdopen(fd, "w") as f:
+                f.write(f'roles = ["consumers"]\n[[consumers]]\nname = "c"\ngroup = "g"\nhandler = "{handler}"\n'
+                        f"options = {{ {options} }}\n")
+            self.addCleanup(os.unlink, config)
+            built = build_node(load_settings({"redis_url": "redis://127.0.0.1:1"}, env={}, config_path=config),
+                               reactor)
+            self.addCleanup(lambda: [close_handler(s.handler) for s in built if isinstance(s, ConsumerService)])
+            return [type(s).__name__ for s in built]
+
+        services = node("file", f'path = "{self.path}"')
+        # after the consumer services (so stopped before they close their exporters)
+        self.assertEqual(services[services.index("ReclaimService") + 1], "ReopenOnSighup")
+        self.assertNotIn("ReopenOnSighup", node("file", 'path = "-"'))
+        self.assertNotIn("ReopenOnSighup", node("noop", ""))
+
+    def test_sighup_handler_not_installable_is_one_warning(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = self.sighup_service([])
+        before = signal.getsignal(signal.SIGHUP)
+        thread = threading.Thread(target=service.startService)  # signal.signal: main thread only
+        thread.start()
+        thread.join()
+        self.assertIs(signal.getsignal(signal.SIGHUP), before)
+        lines = [formatEvent(e) for e in events if "SIGHUP" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("SIGHUP will not reopen export files: signal only works in main thread"),
+                        lines)
+        service.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), before)
 
 
 def _xadd(server, prefix: str, i: int) -> None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -21,13 +24,16 @@ from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.handlers import EntriesFailed, Entry, load_handler
+from payflux.consumers.service import ConsumerService
 from payflux.events import EventValidator, ValidationPolicy, canonical_json
 from payflux.exporters.kafka import HEADERS, KafkaExporter, message_key, producer_config
 from payflux.observability.metrics import Metrics
 from payflux.streams.keys import StreamKeys
 from tests.support.consumers import wait_for
 from tests.support.daemon import ConsumerDaemon, append_events
+from tests.support.process import TWISTD, clean_env
 from tests.support.redis import find_redis_binaries, redis_test_cases
 
 VALIDATOR = EventValidator(ValidationPolicy(), now=lambda: 1.8e9)
@@ -332,6 +338,38 @@ class KafkaExporterTests(unittest.TestCase):
             load_handler("kafka", {"topic": "payments"}, reactor)
         self.assertIn("option bootstrap_servers", str(caught.exception))
 
+    async def test_building_starts_no_thread_starting_the_service_does(self):
+        """twistd builds the handlers before it daemonizes (a fork keeps no thread): the producer and
+        its poller thread start with the consumer service (``startService``), not when built."""
+        cluster = MockCluster(self)
+
+        def tasks() -> set[str]:  # every thread of the process, librdkafka's own included
+            return set(os.listdir("/proc/self/task"))
+
+        def pollers() -> set[threading.Thread]:
+            return {t for t in threading.enumerate() if t.name == "payflux-kafka-poller" and t.is_alive()}
+
+        tasks_before, pollers_before = tasks(), pollers()
+        exporter = load_handler("kafka", {"topic": "payments", "bootstrap_servers": cluster.bootstrap,
+                                          "flush_timeout": 2.0}, reactor)
+        self.addCleanup(exporter.close)
+        self.assertEqual(tasks() - tasks_before, set())
+        self.assertEqual(pollers(), pollers_before)
+        reader = TopicReader(self, cluster, "payments")
+
+        ready: defer.Deferred = defer.Deferred()  # the read loop waits for "Redis": it never reads
+        service = ConsumerService(ConsumerConfig("kafka-export", "kafka", "kafka"), exporter, None, lambda: None,
+                                  StreamKeys("payflux"), 1, Metrics().consumers, reactor, ready=lambda: ready)
+        self.addCleanup(lambda: ready.called or ready.cancel())
+        service.startService()
+        started = pollers() - pollers_before
+        self.assertEqual(len(started), 1)
+        self.assertGreater(len(tasks() - tasks_before), 1)  # the poller and librdkafka's threads
+        self.assertIsNone(await exporter.handle([entry(0)]))
+        self.assertEqual(len(await reader.read(1)), 1)
+        await service.stopService()  # closes the exporter: its poller ends
+        self.assertFalse(started.pop().is_alive())
+
 
 # -- under the real consumer runtime ------------------------------------------------------------
 
@@ -399,6 +437,49 @@ options = {{ topic = "payments", bootstrap_servers = "{cluster.bootstrap}", flus
         duplicates = sum(c - 1 for c in counts.values())
         print(f"\n  kafka: {N} events, 2 SIGKILLs, {sum(counts.values())} messages, {duplicates} duplicates, "
               f"{in_flight_at_kills} entries in flight at the kills", file=sys.stderr)
+
+    async def test_daemonized_twistd_exports(self):
+        """Without ``-n`` twistd forks after ``makeService`` built the handlers (a fork keeps no thread):
+        the producer and its poller start in the daemon, with the consumer service, and events arrive."""
+        self.server = self.start_redis()
+        events = [payment_event(i) for i in range(60)]
+        await append_events(self.server.url, KEYS, PARTITIONS, events, RECEIVED_AT)
+        cluster = MockCluster(self)
+        reader = TopicReader(self, cluster, "payments")
+        directory = tempfile.mkdtemp(prefix="payflux-kafka-daemon-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        config = os.path.join(directory, "payflux.toml")
+        with open(config, "w") as f:
+            f.write('[[consumers]]\nname = "kafka-export"\ngroup = "kafka"\nhandler = "kafka"\nblock_ms = 200\n'
+                    f'options = {{ topic = "payments", bootstrap_servers = "{cluster.bootstrap}", flush_timeout = 2.0 }}\n')
+        pidfile, logfile = os.path.join(directory, "twistd.pid"), os.path.join(directory, "twistd.log")
+        # twistd's first process exits once the daemon has started its services
+        started = subprocess.run([*TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "payflux",
+                                  "--roles", "consumers", "--redis-url", self.server.url, "--partitions",
+                                  str(PARTITIONS), "--config", config, "--metrics-listen", "none"],
+                                 cwd=directory, env=clean_env(), capture_output=True, timeout=30)
+        self.assertEqual(started.returncode, 0, started.stderr)
+        with open(pidfile) as f:
+            pid = int(f.read())
+
+        def kill() -> None:
+            if os.path.exists(pidfile):
+                os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(kill)
+
+        def log_text() -> str:
+            with open(logfile, errors="replace") as f:
+                return f.read()
+
+        try:
+            await wait_for(lambda: reader.poll() >= len(events), timeout=20, what="every event in Kafka")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{log_text()[-3000:]}") from None
+        self.assertEqual({dict(m.headers())["payflux.event_id"].decode() for m in reader.messages},
+                         {e["event_id"] for e in events})
+        os.kill(pid, signal.SIGTERM)
+        await wait_for(lambda: not os.path.exists(pidfile), timeout=20, what="the daemon's clean stop")
 
 
 # one Redis version: the exporter doesn't depend on it (the runtime's own tests cover both)

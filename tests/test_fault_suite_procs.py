@@ -81,7 +81,7 @@ class Daemon:
             return f.read().decode("utf-8", "replace")
 
     def worker_pids(self) -> list[int]:
-        """Live ``payflux.worker`` children of the supervisor."""
+        """Live ``payflux.workerprocess`` children of the supervisor."""
         return worker_pids(self.proc.pid)
 
     async def side(self, path: str) -> tuple[int, bytes]:

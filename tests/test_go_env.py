@@ -425,7 +425,7 @@ class StartupLogTests(SynchronousTestCase):
         import socket
 
         from payflux.node import build_node
-        from payflux.workers import build_supervisor
+        from payflux.supervisor import build_supervisor
 
         logs = capture_logs(self)
         s = self.go_settings(workers="2", listen="tcp:0:interface=127.0.0.1")

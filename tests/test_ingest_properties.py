@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from payflux.cli import sample_event
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.ingest.app import IngestApp, IngestLimits
-from payflux.ingest.auth import Authenticator, RateLimiter
+from payflux.ingest.auth import Authenticator
+from payflux.ingest.ratelimit import RateLimiter
 from payflux.observability.metrics import Metrics
 from payflux.streams.writer import AppendResult
 

@@ -351,7 +351,7 @@ class RateTests(unittest.TestCase):
 
 
 class FakeWorkerPool:
-    """What WorkersSideApp and the status page use of payflux.workers.WorkerPool: ``render_metrics``
+    """What WorkersSideApp and the status page use of payflux.supervisor.WorkerPool: ``render_metrics``
     (the real WorkerTotals over real worker registries), ``settings``, ``redis``, ``reactor``."""
 
     def __init__(self, worker_texts: list[bytes]) -> None:

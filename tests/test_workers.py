@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from payflux.ingest.ratelimit import SHARED_BUCKET
 from tests.support.process import TWISTD, clean_env, reap_supervisor, worker_pids
 from tests.support.redis import free_port, sync_command_at
 
@@ -60,7 +61,7 @@ class WorkersTests(SynchronousTestCase):
         reap_supervisor(self.proc, self.data_dir)
 
     def worker_pids(self) -> list[int]:
-        """Live worker processes: children of the supervisor running payflux.worker."""
+        """Live worker processes: children of the supervisor running payflux.workerprocess."""
         return worker_pids(self.proc.pid)
 
     def log_text(self) -> str:
@@ -239,8 +240,8 @@ class WorkersTests(SynchronousTestCase):
 
 
 class FakeBucketRedis:
-    """The shared-bucket script (payflux.ingest.auth.SHARED_BUCKET_SCRIPT) in Python on a Clock, with a
-    reply latency; ``down`` makes every call fail, ``noscript`` the first EVALSHA."""
+    """The shared-bucket script (payflux.ingest.ratelimit.SHARED_BUCKET_SCRIPT) in Python on a Clock, with a
+    reply latency; ``down`` makes every call fail, ``noscript`` every EVALSHA until SCRIPT LOAD."""
 
     def __init__(self, clock, latency: float = 0.001) -> None:
         self.clock, self.latency = clock, latency
@@ -257,8 +258,10 @@ class FakeBucketRedis:
         if self.down:
             return defer.fail(ConnectionError("Redis down (test)"))
         if name == "EVALSHA" and self.noscript:
-            self.noscript = False
             return defer.fail(ResponseError("NOSCRIPT No matching script. Please use EVAL."))
+        if name == "SCRIPT":  # SCRIPT LOAD <source>: what EVALSHA names it by from now on
+            self.noscript = False
+            return defer.succeed(SHARED_BUCKET.sha if args == ("LOAD", SHARED_BUCKET.source) else "wrong script")
         _, _, key, rate, burst, spent = args
         rate, burst, spent = float(rate), float(burst), float(spent)
         now = self.clock.seconds()
@@ -279,7 +282,7 @@ class SharedRateLimiterTests(SynchronousTestCase):
     def limiters(self, n: int, redis=None, rate: float = 1000, burst: int = 1000):
         from twisted.internet.task import Clock
 
-        from payflux.ingest.auth import SharedRateLimiter
+        from payflux.ingest.ratelimit import SharedRateLimiter
 
         self.clock = clock = Clock()
         clock.advance(1000)
@@ -332,7 +335,7 @@ class SharedRateLimiterTests(SynchronousTestCase):
         limiters = self.limiters(2)
         self.redis.noscript = True
         self.offer(limiters, lambda i: 0, seconds=0.1)
-        self.assertEqual(self.redis.calls[:2], ["EVALSHA", "EVAL"])
+        self.assertEqual(self.redis.calls[:3], ["EVALSHA", "SCRIPT", "EVALSHA"])  # loaded, then run
         self.redis.down = True
         self.clock.advance(100)  # the bucket refills; worker 0 alone, on its share: half the rate
         admitted = self.offer(limiters, lambda i: 0)

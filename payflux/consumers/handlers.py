@@ -8,6 +8,10 @@ A handler is any object with
   entry of the batch is done and will be acknowledged.  Raising (or failing the Deferred)
   :class:`EntriesFailed` fails only the entries it names; the rest are acknowledged.  Any other
   exception fails the whole batch: nothing is acknowledged.
+- optionally ``start() -> None`` — called once when the consumer service starts, before the
+  first batch: where a handler starts its threads (the Kafka exporter's poller) or anything
+  else that must not exist before ``twistd`` daemonizes (forks), which happens after the
+  handlers are built and before the services start.
 - optionally ``close() -> Deferred | None`` — called once when the consumer stops, after the
   last batch it will hand over.
 
@@ -24,6 +28,9 @@ in their batch and so reach the dead-letter stream through the normal path.
 one of :data:`LAZY_BUILTINS`: the exporters ``file``, ``webhook``, ``kafka``, ``parquet`` and
 the risk consumer ``risk``) or
 ``package.module:attr``, where ``attr(reactor=reactor, **options)`` returns the handler.
+:func:`build_handlers` builds every configured consumer's handler: the one place the node
+(:func:`payflux.node.add_background`, under ``makeService``) and ``payflux check-config`` do
+it; a handler that can't be imported or built is a :class:`HandlerError` naming the consumer.
 """
 
 from __future__ import annotations
@@ -199,6 +206,17 @@ def run_handler(
     return d.addBoth(done)
 
 
+def start_handler(handler: Any) -> None:
+    """Call the handler's optional ``start()``; errors are logged, never raised."""
+    start = getattr(handler, "start", None)
+    if start is None:
+        return
+    try:
+        start()
+    except Exception:
+        log.failure("handler start() failed")
+
+
 def close_handler(handler: Any) -> defer.Deferred:
     """Call the handler's optional ``close()``; errors are logged, never raised."""
     close = getattr(handler, "close", None)
@@ -315,3 +333,27 @@ def load_handler(spec: str, options: dict, reactor: Any) -> Any:
     if not callable(getattr(handler, "handle", None)):
         raise ValueError(f"handler {spec!r}: the factory returned {type(handler).__name__}, which has no handle()")
     return handler
+
+
+class HandlerError(ValueError):
+    """A consumer's handler can't be imported or built: one line, ``invalid [[consumers]] 'name': ...``."""
+
+
+def build_handlers(consumers: Iterable[Any], reactor: Any, prebuilt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """
+    ``{consumer name: handler}`` for ``consumers`` (:class:`~payflux.consumers.config.ConsumerConfig`):
+    the handler ``prebuilt`` has for a name (tests), else :func:`load_handler`'s.  The first one
+    that fails raises :class:`HandlerError` naming the consumer (``payflux:`` + it is the startup
+    error line, exit 2).  Building starts nothing: threads and the like wait for ``start()``.
+    """
+    prebuilt = prebuilt or {}
+    handlers: dict[str, Any] = {}
+    for consumer in consumers:
+        handler = prebuilt.get(consumer.name)
+        if handler is None:
+            try:
+                handler = load_handler(consumer.handler, consumer.options, reactor)
+            except ValueError as e:
+                raise HandlerError(f"invalid [[consumers]] {consumer.name!r}: {e}") from None
+        handlers[consumer.name] = handler
+    return handlers

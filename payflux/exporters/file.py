@@ -28,9 +28,10 @@ Rotation: :meth:`FileExporter.reopen` (and SIGHUP, for logrotate's ``postrotate`
 ``path`` anew and switches writing to it; the previous descriptor is closed only after the
 batches written to it were fsynced (per policy).  Writes happen on the reactor thread and the
 reopen does too, so every batch lands entirely in the old file or entirely in the new one:
-nothing is lost or written twice by a rotation.  SIGHUP is handled by one process-wide signal
-handler (installed when the first exporter is built, in the main thread, as under ``twistd``),
-which reopens every file exporter of the process from the reactor thread.
+nothing is lost or written twice by a rotation.  SIGHUP is handled by the node that runs the
+exporter (:class:`payflux.node.ReopenOnSighup`: installed while the node runs, in the main
+thread, as under ``twistd``), which calls :func:`reopen_all` on the reactor thread: every file
+exporter of the process not yet closed (the registry they join when built) reopens its file.
 
 Threads: writes are done on the reactor thread (they go to the page cache: microseconds for
 a batch), fsyncs in the reactor's thread pool (``fsync_thread``, default true), because a flush
@@ -46,7 +47,6 @@ go to stdout too).
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import weakref
 from typing import Any
@@ -220,8 +220,7 @@ class FileExporter:
         self._closed = False
         self._timer: task.LoopingCall | None = None
         if path != STDOUT:
-            _EXPORTERS.add(self)
-            install_sighup(reactor)
+            _EXPORTERS.add(self)  # reopened on SIGHUP (reopen_all) until closed
 
     def bind_metrics(self, metrics: Any, consumer: str) -> None:
         self.stats = metrics.exporters.stats(self.exporter, consumer)
@@ -353,10 +352,16 @@ class FileExporter:
         return d
 
 
-# -- SIGHUP: one handler per process, reopening every file exporter ------------------------------
+# -- SIGHUP: the registry of file exporters the node's SIGHUP handler reopens ---------------------
+# (the handler itself is payflux.node.ReopenOnSighup: installed in its startService, the previous
+# one restored in its stopService; this module never touches signal handlers)
 
 _EXPORTERS: "weakref.WeakSet[FileExporter]" = weakref.WeakSet()
-_sighup: dict[str, Any] = {}
+
+
+def reopens_on_sighup(handler: Any) -> bool:
+    """True for a file exporter writing to a file (not standard output) and not closed yet."""
+    return handler in _EXPORTERS
 
 
 def reopen_all() -> defer.Deferred:
@@ -364,32 +369,4 @@ def reopen_all() -> defer.Deferred:
     exporters = list(_EXPORTERS)
     log.info("reopening {count} export file(s)", count=len(exporters))
     return defer.DeferredList([e.reopen() for e in exporters], consumeErrors=True)
-
-
-def install_sighup(reactor: Any) -> bool:
-    """
-    Install the process's SIGHUP handler (once; only possible in the main thread): the handler
-    schedules :func:`reopen_all` on the reactor thread and then calls a previously installed
-    Python handler, if any.  False if it could not be installed.
-    """
-    if "previous" in _sighup:
-        return True
-    if not hasattr(reactor, "callFromThread"):
-        from twisted.internet import reactor  # e.g. a task.Clock in tests
-    try:
-        previous = signal.getsignal(signal.SIGHUP)
-        signal.signal(signal.SIGHUP, _on_sighup)
-    except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP here
-        log.warn("SIGHUP will not reopen export files: {error}", error=str(e))
-        return False
-    _sighup.update(previous=previous, reactor=reactor)
-    return True
-
-
-def _on_sighup(signum: int, frame: Any) -> None:
-    # a signal handler may interrupt the reactor thread anywhere: only hand over to the reactor
-    _sighup["reactor"].callFromThread(reopen_all)
-    previous = _sighup.get("previous")
-    if callable(previous) and previous is not _on_sighup:
-        previous(signum, frame)
 

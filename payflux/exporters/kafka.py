@@ -17,6 +17,11 @@ Contract (docs/exporters.md, "Kafka / Redpanda"):
   reports (and messages librdkafka refused at ``produce()``) fail exactly those entries with
   :class:`EntriesFailed`; they stay pending and the runtime redelivers them (a redelivery can
   put a second copy in the topic: consumers dedupe on the ``payflux.event_id`` header).
+- The producer (librdkafka's own threads) and its poller thread are created by ``start()``,
+  which the consumer service calls in its ``startService`` (or the first ``handle()``), never
+  when the exporter is built: ``twistd`` builds handlers before it daemonizes, and a thread
+  does not survive the fork.  Building only lets librdkafka check the settings
+  (:func:`check_producer_config`: a producer created and closed at once).
 - Delivery reports reach the reactor without blocking it: a dedicated thread per producer
   calls ``poll(0.1)`` (delivery, error and log callbacks only ever run inside ``poll``, so only
   in that thread); each ``poll`` that collected reports hands them over with one
@@ -178,6 +183,21 @@ def redact(text: str, config: dict[str, Any]) -> str:
     return text
 
 
+def check_producer_config(config: dict[str, Any]) -> None:
+    """
+    Let librdkafka check ``config`` (every setting, and their combinations) without keeping a
+    producer: one is created and closed at once, so its threads are gone when this returns.
+    Raises what ``confluent_kafka.Producer`` raises (KafkaException, ValueError, TypeError).
+    """
+    silent = logging.Logger("payflux.exporters.kafka.check", logging.CRITICAL)  # private, never shown
+    silent.addHandler(logging.NullHandler())
+    producer = confluent_kafka.Producer(dict(config, error_cb=lambda err: None, logger=silent))
+    close = getattr(producer, "close", None)  # confluent-kafka >= 2.x; else destroyed when collected
+    if close is not None:
+        close()
+    del producer
+
+
 class _Batch:
     """One handle() call: its entries, their delivery outcome, and the Deferred handle() returned."""
 
@@ -278,10 +298,13 @@ class KafkaExporter:
         self._log_times: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         try:
-            self._link = _ProducerLink(config, reactor, self)
+            check_producer_config(config)
         except (confluent_kafka.KafkaException, ValueError, TypeError) as e:
             reason = e.args[0].str() if e.args and hasattr(e.args[0], "str") else str(e)
             raise ValueError(f"option librdkafka: {redact(reason, config)}") from None
+        # the producer and its poller thread: created by start(), never while the exporter is
+        # built (twistd builds it before it daemonizes, and a fork keeps no thread)
+        self._link: _ProducerLink | None = None
         # librdkafka accepted it, so it is a number: how long a full queue may hold a batch back
         timeout_ms = config.get("delivery.timeout.ms", config.get("message.timeout.ms", 300_000))
         self.message_timeout = float(timeout_ms) / 1000
@@ -292,6 +315,12 @@ class KafkaExporter:
     def bind_metrics(self, metrics: Any, consumer: str) -> None:
         self.stats = metrics.exporters.stats(self.name, consumer)
 
+    def start(self) -> None:
+        """Create the producer and start its poller thread (the consumer service's ``startService``;
+        without one, such as in a test or a benchmark, the first ``handle()`` does it)."""
+        if self._link is None and not self._closed:
+            self._link = _ProducerLink(self._config, self.reactor, self)
+
     # -- handle ------------------------------------------------------------------------------
 
     def handle(self, entries: list[Entry]) -> defer.Deferred | None:
@@ -299,6 +328,8 @@ class KafkaExporter:
             raise RuntimeError("the kafka exporter is closed")
         if not entries:
             return None
+        if self._link is None:
+            self.start()
         redelivered = sum(1 for e in entries if e.deliveries > 1)
         if redelivered:
             self.stats.retried.inc(redelivered)
@@ -428,7 +459,7 @@ class KafkaExporter:
             batch = self._backlog.popleft()
             for i in range(batch.next, len(batch.entries)):
                 self._settle(batch, i, DeliveryFailed("the kafka exporter was closed"))
-        links = [self._link, *self._retired]
+        links = [link for link in (self._link, *self._retired) if link is not None]  # None: never started
         deadline = self.reactor.seconds() + self.flush_timeout
         while any(link.outstanding > 0 for link in links) and self.reactor.seconds() < deadline:
             waiter: defer.Deferred = defer.Deferred()

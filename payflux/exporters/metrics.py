@@ -1,7 +1,8 @@
 """
 Per-exporter metrics: ``payflux_exporter_*{exporter, consumer}``.
 
-An exporter is built (``load_handler``) before the node and its registry exist, so it starts
+An exporter is built (``load_handler``) without the node's registry (the factory takes only
+``reactor`` and its options; tests and benchmarks build one alone), so it starts
 with :meth:`ExporterStats.unbound` (counting into a private registry, which tests read), and
 the node calls ``handler.bind_metrics(metrics, consumer_name)`` with its
 :class:`payflux.observability.metrics.Metrics` once the node's registry is there

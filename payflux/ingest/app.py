@@ -1,7 +1,8 @@
 """
 The ingest HTTP API (Klein).
 
-Checks run in the order fixed by DESIGN.md, each answered with a JSON error:
+Checks run in the order README.md documents ("HTTP API": "Checks, in this order"), each
+answered with a JSON error:
 401 auth -> 429 per-key rate -> 413 body cap (enforced while reading, see ``http.py``) ->
 415 content type -> 400 malformed JSON -> 422 schema -> 409 idempotency conflict ->
 503 Redis unavailable / overloaded (with Retry-After) -> 202 once Redis replied to the append.
@@ -26,9 +27,10 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from payflux.events import EventValidator, MalformedJSON, decode_batch_body, decode_event_body
-from payflux.ingest.auth import Authenticator, RateLimiter
+from payflux.ingest.auth import Authenticator
 from payflux.ingest.errors import ApiError, unavailable
 from payflux.ingest.openapi import openapi_document
+from payflux.ingest.ratelimit import RateLimiter
 from payflux.observability.logsummary import repeated
 from payflux.observability.metrics import Metrics
 from payflux.streams.writer import IdempotencyConflict, PreparedEvent, RedisUnavailable, StreamWriter

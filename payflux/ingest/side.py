@@ -47,7 +47,7 @@ class SideApp:
 
 class WorkersSideApp:
     """
-    The side listener of a ``--workers N`` supervisor (see :mod:`payflux.workers`).
+    The side listener of a ``--workers N`` supervisor (see :mod:`payflux.supervisor`).
 
     ``/metrics``: the supervisor's own metrics plus the workers' ingest metrics summed;
     ``/ready``: 200 only when Redis answers and every worker answers its own /ready;

@@ -48,7 +48,7 @@ def kill_embedded_redis(data_dir: str) -> None:
 
 
 def worker_pids(supervisor_pid: int) -> list[int]:
-    """Live ``payflux.worker`` children of a ``--workers`` supervisor (read from /proc)."""
+    """Live ``payflux.workerprocess`` children of a ``--workers`` supervisor (read from /proc)."""
     try:
         children = open(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read().split()
     except OSError:
@@ -56,7 +56,7 @@ def worker_pids(supervisor_pid: int) -> list[int]:
     pids = []
     for pid in map(int, children):
         try:
-            if b"payflux.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
+            if b"payflux.workerprocess" in open(f"/proc/{pid}/cmdline", "rb").read():
                 pids.append(pid)
         except OSError:
             pass

@@ -16,7 +16,7 @@ With ``workers > 1`` the ``twistd`` process is the **supervisor**. It owns
 - the consumers role, the retention trimmer and the stream/group samplers (one set per node,
   never one per worker: workers only ingest).
 
-Each **worker** (``python -m payflux.worker``, see :mod:`payflux.worker`) gets its settings
+Each **worker** (``python -m payflux.workerprocess``, see :mod:`payflux.workerprocess`) gets its settings
 pickled on its stdin (a pipe from the supervisor: secrets never appear in argv, the environment
 or a file), with the Redis URL resolved by the supervisor, and serves the ingest role on the adopted socket plus its own
 side listener on a private unix socket (``<tmp>/payflux-workers-*/worker-<i>.sock``, directory
@@ -60,7 +60,7 @@ from payflux.ingest.side import WorkersSideApp
 from payflux.node import Node, RedisPool, _listener, add_background, add_redis
 from payflux.observability.metrics import Metrics, SupervisorMetrics, WorkerTotals
 from payflux.streams.keys import StreamKeys
-from payflux.worker import INHERITED_FD, WorkerSpec
+from payflux.workerprocess import INHERITED_FD, WorkerSpec
 
 log = Logger()
 
@@ -211,14 +211,14 @@ class WorkerPool(Service):
             consumers=(),
         )
         # workers=: each worker admits from its share of every key's rate-limit bucket, shared
-        # through Redis (payflux.ingest.auth.SharedRateLimiter), so a key's limit holds across workers
+        # through Redis (payflux.ingest.ratelimit.SharedRateLimiter), so a key's limit holds across workers
         spec = WorkerSpec(index, worker_settings, self.shared.family, os.getpid(), self.log_format,
                           workers=self.count)
         proc = _WorkerProcess(self, index, pickle.dumps(spec))
         self.reactor.spawnProcess(
             proc,
             sys.executable,
-            [sys.executable, "-m", "payflux.worker"],
+            [sys.executable, "-m", "payflux.workerprocess"],
             env=dict(os.environ),
             childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self.shared.fileno},
         )

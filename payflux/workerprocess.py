@@ -1,7 +1,7 @@
 """
-One ingest worker process of ``--workers N`` (the supervisor is :mod:`payflux.workers`).
+One ingest worker process of ``--workers N`` (the supervisor is :mod:`payflux.supervisor`).
 
-Started by the supervisor as ``python -m payflux.worker``. Reads a pickled :class:`WorkerSpec`
+Started by the supervisor as ``python -m payflux.workerprocess``. Reads a pickled :class:`WorkerSpec`
 from stdin (a pipe: secrets never appear in argv, the environment or a file), dies with the
 supervisor, adopts the shared listening socket on file descriptor :data:`INHERITED_FD` and runs
 the ingest role with ``build_node``. The spec's settings point ``metrics_listen`` at a private
@@ -73,13 +73,13 @@ def _start_logging(spec: WorkerSpec) -> None:
 def share_rate_limit(node, spec: WorkerSpec, reactor) -> None:
     """
     Give the worker's ingest app the rate limiter shared by all workers through Redis
-    (:class:`payflux.ingest.auth.SharedRateLimiter`) instead of a per-process one, which would
+    (:class:`payflux.ingest.ratelimit.SharedRateLimiter`) instead of a per-process one, which would
     let a key through N times its limit with N workers.
     """
     settings = spec.settings
     if spec.workers <= 1 or not settings.rate_limit:
         return
-    from payflux.ingest.auth import SharedRateLimiter
+    from payflux.ingest.ratelimit import SharedRateLimiter
 
     node.app.limiter = SharedRateLimiter(settings.rate_limit, settings.rate_burst, reactor.seconds, node.pool,
                                          reactor, spec.workers, settings.stream_prefix)
