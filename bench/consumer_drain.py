@@ -32,7 +32,8 @@ from payflux.consumers.config import ConsumerConfig  # noqa: E402
 from payflux.consumers.handlers import load_handler  # noqa: E402
 from payflux.consumers.service import ConsumerService, open_read_connection  # noqa: E402
 from payflux.observability.metrics import Metrics  # noqa: E402
-from payflux.streams.connection import connect, parse_redis_url  # noqa: E402
+from payflux.redis.connect import connect  # noqa: E402
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys  # noqa: E402
 from tests.support.redis import RedisProcess, _encode_command, find_redis_binaries  # noqa: E402
 

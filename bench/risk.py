@@ -43,7 +43,8 @@ from payflux.consumers.service import ConsumerService, open_read_connection  # n
 from payflux.observability.metrics import Metrics  # noqa: E402
 from payflux.risk.alerts import FAILURE_RATE_SPIKE, OPEN  # noqa: E402
 from payflux.risk.engine import RiskEngine  # noqa: E402
-from payflux.streams.connection import connect, parse_redis_url  # noqa: E402
+from payflux.redis.connect import connect  # noqa: E402
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys  # noqa: E402
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, task  # noqa: E402
 
-from payflux.streams.connection import connect, parse_redis_url  # noqa: E402
+from payflux.redis.connect import connect  # noqa: E402
+
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys  # noqa: E402
 from payflux.streams.writer import PreparedEvent, StreamWriter, fingerprint_of  # noqa: E402
 from tests.support.redis import RedisProcess, find_redis_binaries  # noqa: E402

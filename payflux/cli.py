@@ -4,7 +4,8 @@ The ``payflux`` operator command.
 - ``payflux serve [node options]``: run the node in the foreground, exactly ``twistd -n payflux``
   (same options, exit statuses and signals; no pidfile; logs on stdout per ``log_format``).
 - ``payflux check-config [node options]``: validate settings exactly as ``twistd payflux`` would
-  (file < env < options) and print them with secrets redacted; exit 2 on the first bad option.
+  (file < env < options; the consumers' handlers built as the node builds them) and print them
+  with secrets redacted; exit 2 on the first bad option.
 - ``payflux send``: post a sample event, N generated events, or a file of events (NDJSON, or a
   JSON array) to a running node and print each response; or, with ``--rate`` and ``--duration``,
   paced traffic (``--failure-rate``, ``--merchants``) for trying the risk consumer (docs/risk.md).
@@ -60,6 +61,17 @@ def _check_config(argv: Sequence[str]) -> int:
     except SystemExit as e:  # postOptions already printed the one-line error
         return int(e.code or 2)
     settings = options.settings
+    if "consumers" in settings.roles:
+        # build the handlers as the node would (makeService), so a bad one fails here too
+        from twisted.internet import reactor
+
+        from payflux.consumers.handlers import HandlerError, build_handlers
+
+        try:
+            build_handlers(settings.consumers, reactor)
+        except HandlerError as e:
+            sys.stderr.write(f"payflux: {e}\n")
+            return 2
     print("configuration OK")
     for option in OPTIONS:
         value = getattr(settings, option.name)
@@ -107,7 +119,7 @@ def _settings(args: argparse.Namespace) -> Any:
 def _connect(args: argparse.Namespace, settings: Any = None) -> tuple[Any, Any, int]:
     """(SyncRedis or SyncCluster, StreamKeys, partitions) from the options and the daemon's settings loader."""
     from payflux.streams.keys import StreamKeys
-    from payflux.streams.syncredis import open_sync
+    from payflux.redis.connect import open_sync
 
     if settings is None:
         settings = _settings(args)
@@ -145,14 +157,15 @@ def _cluster_nodes(redis: Any, streams: list[str]) -> dict[str, str]:
     slots = getattr(redis, "slots", None)
     if slots is None:
         return {}
-    from payflux.streams.cluster import key_slot
+    from payflux.redis.slots import key_slot
 
     owners = {s: slots.owner(key_slot(s)) for s in streams}
     return {s: f"{a[0]}:{a[1]}" if a else "unserved" for s, a in owners.items()}
 
 
 def _stream(argv: Sequence[str]) -> int:
-    from payflux.consumers.inspect import partition_steps, run_sync
+    from payflux.consumers.inspect import partition_steps
+    from payflux.redis.steps import run_sync
 
     parser = _redis_parser("payflux stream", "Show streams, consumer groups and dead letters.")
     parser.add_argument("action", choices=["info"])
@@ -281,7 +294,8 @@ def _group_delete(args: argparse.Namespace, facts: list, redis: Any, settings: A
 
 
 def _group(argv: Sequence[str]) -> int:
-    from payflux.consumers.inspect import partition_steps, run_sync
+    from payflux.consumers.inspect import partition_steps
+    from payflux.redis.steps import run_sync
 
     parser = _redis_parser("payflux group", "List consumer groups (lag, pending, consumers, last read; stale "
                                             "ones flagged) or delete one.")
@@ -446,7 +460,7 @@ def help_text() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from payflux.streams.syncredis import RedisConnectionError, RedisReplyError
+    from payflux.redis.sync import RedisConnectionError, RedisReplyError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):

@@ -17,34 +17,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 
+from payflux.configbase import ApiKey, ConfigError
 from payflux.consumers.config import ConsumerConfig, RetentionConfig, consumer_from_table
-
-
-class ConfigError(Exception):
-    """An option has an invalid value; ``str()`` is one line meant for the operator."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(option, message)
-        self.option = option
-        self.message = message
-
-    def __str__(self) -> str:
-        if self.option == "consumers":
-            return f"invalid [[consumers]] in the config file: {self.message}"
-        env = "PAYFLUX_" + self.option.upper()
-        flag = "--" + self.option.replace("_", "-")
-        return f"invalid {flag} ({env} / {self.option} in the config file): {self.message}"
-
-
-@attrs.frozen(repr=False)
-class ApiKey:
-    """One producer credential. ``key_id`` appears in logs and metrics; the secret never does."""
-
-    key_id: str
-    secret: bytes
-
-    def __repr__(self) -> str:
-        return f"ApiKey(key_id={self.key_id!r}, secret=<redacted>)"
+from payflux.goenv import translate
+from payflux.redis.target import parse_redis_url, url_with_password
 
 
 # --- value parsers: each takes a str (CLI/env) or a TOML value and returns the typed value ---
@@ -165,8 +141,6 @@ def _redis_url(value: Any) -> str | None:
     text = _optional_str(value)
     if text is None:
         return None
-    from payflux.streams.connection import parse_redis_url
-
     try:
         parse_redis_url(text)
     except ValueError as e:
@@ -430,8 +404,6 @@ class Settings:
     @property
     def redis_cluster(self) -> bool:
         """True when ``redis_url`` names a Redis Cluster (``redis+cluster://``)."""
-        from payflux.streams.connection import parse_redis_url
-
         return bool(self.redis_url) and parse_redis_url(self.redis_url).cluster
 
     def retention(self) -> RetentionConfig:
@@ -502,8 +474,6 @@ def _with_password_file(url: str | None, path: str) -> str:
         raise ConfigError("redis_password_file", f"{path} is empty")
     if len(text) > 4096 or any(c in password for c in "\r\n\0"):
         raise ConfigError("redis_password_file", f"{path} must hold one line of at most 4096 characters")
-    from payflux.streams.connection import url_with_password
-
     try:
         return url_with_password(url, password)
     except ValueError as e:
@@ -560,9 +530,7 @@ def load_settings(
         if key not in OPTIONS_BY_NAME:
             raise ConfigError(key, "unknown option")
         raw[key] = (value, "cli")
-    from payflux.goenv import translate  # the Go PayFlux's variables: the weakest source of their settings
-
-    legacy = translate(env, raw)
+    legacy = translate(env, raw)  # the Go PayFlux's variables: the weakest source of their settings
     raw.update((name, (value, "go-env")) for name, value in legacy.overrides.items())
 
     values: dict[str, Any] = {}
@@ -646,8 +614,6 @@ def load_settings(
         if not values["redis_url"]:
             raise ConfigError("min_replicas_ack", "needs redis_url naming a primary with replicas "
                                                   "(the embedded Redis has none)")
-        from payflux.streams.connection import parse_redis_url
-
         if parse_redis_url(values["redis_url"]).cluster:
             raise ConfigError("min_replicas_ack", "is not supported with redis+cluster:// yet; use 0")
         if values["replica_ack_timeout"] >= values["redis_timeout"] * 1000:
@@ -658,8 +624,6 @@ def load_settings(
     if values["layout"] == "seed" and values["partitions"] != 1:
         raise ConfigError("partitions", "layout seed has one stream (events_stream); use partitions = 1")
     if values["layout"] == "seed" and values["redis_url"]:
-        from payflux.streams.connection import parse_redis_url
-
         if parse_redis_url(values["redis_url"]).cluster:
             raise ConfigError("layout", "seed needs a single Redis or Sentinel: events_stream and "
                                         "events_stream_dlq are in different cluster slots")

@@ -33,7 +33,8 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from payflux.config import ApiKey, ConfigError
+from payflux.configbase import ApiKey, ConfigError
+from payflux.redis.target import parse_redis_url, url_with_password
 
 #: Go variables PayFlux maps onto its own settings.
 MAPPED = (
@@ -216,8 +217,6 @@ def _twisted_listen(text: str) -> str:
 
 def _redis(addr: str, password: str, tls: str) -> tuple[str, list[str]]:
     """The redis_url for Go's REDIS_ADDR/REDIS_PASSWORD/REDIS_TLS, and what to log about it."""
-    from payflux.streams.connection import parse_redis_url, url_with_password
-
     if tls not in ("", "true", "false"):
         raise GoEnvError("REDIS_TLS", "redis_url", f"must be true or false, got {tls[:20]!r} "
                                                    "(the Go program read anything but true as false)")

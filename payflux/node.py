@@ -5,7 +5,9 @@ Assembles one PayFlux node: a MultiService holding, in start order,
 2. the Redis connection pool (connects once that Redis answers),
 3. the metrics side listener and (role ``ingest``) the HTTP ingest listener,
 4. the drain guard (on stop: /ready and new ingests turn 503, in-flight appends finish),
-5. (role ``consumers``) a ConsumerService and a ReclaimService per configured consumer,
+5. (role ``consumers``) a ConsumerService and a ReclaimService per configured consumer (their
+   handlers built here, started by the ConsumerService), then, with a file exporter among
+   them, :class:`ReopenOnSighup` (the process's SIGHUP handler, installed while it runs),
 6. the retention trimmer and the consumer-group sampler,
 7. the stream sampler (XLEN per partition and a Redis probe, every ``stats_interval``).
 
@@ -23,6 +25,7 @@ step still busy at its limit is abandoned with a warning naming it, and the stop
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -39,21 +42,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from payflux.config import Settings
-from payflux.consumers.handlers import load_handler
+from payflux.consumers.handlers import build_handlers
 from payflux.consumers.reclaim import ReclaimService
 from payflux.consumers.service import ConsumerService, default_consumer_name, open_read_connection
 from payflux.consumers.stats import GroupStatsSampler
 from payflux.consumers.trim import TrimService
 from payflux.events import EventValidator, ValidationPolicy
+from payflux.exporters import file as file_exporter
 from payflux.exporters.metrics import bind_exporter_metrics
 from payflux.goenv import log_go_env
 from payflux.ingest.app import IngestApp, IngestLimits
-from payflux.ingest.auth import Authenticator, RateLimiter
+from payflux.ingest.auth import Authenticator
 from payflux.ingest.http import BoundedRequest, IngestSite
+from payflux.ingest.ratelimit import RateLimiter
 from payflux.ingest.side import SideApp
 from payflux.observability.metrics import Metrics
 from payflux.observability.status import alerts_stream_key
-from payflux.streams.connection import ConnectionWatch, RedisTarget, close_pool, connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import RedisTarget, parse_redis_url
+from payflux.redis.txadapter import ConnectionWatch, close_pool
 from payflux.streams.embedded import EmbeddedRedis, EmbeddedRedisError
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import StreamWriter
@@ -475,11 +482,15 @@ def _sampler(pool: RedisPool, keys: StreamKeys, partitions: int, metrics: Metric
 def _add_consumers(
     node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor, handlers: dict
 ) -> None:
-    """One ConsumerService + ReclaimService per configured consumer, stopped before the pool."""
+    """
+    One ConsumerService + ReclaimService per configured consumer (``handlers``: each one's
+    handler, by name), stopped before the pool; then, if a file exporter is among the
+    handlers, the :class:`ReopenOnSighup` service.
+    """
     for config in settings.consumers:
         name = config.consumer_name or default_consumer_name()
         config = attrs.evolve(config, consumer_name=name)
-        handler = handlers.get(config.name) or load_handler(config.handler, config.options, reactor)
+        handler = handlers[config.name]
         bind_exporter_metrics(handler, metrics, config.name)
         bind_redis = getattr(handler, "bind_redis", None)  # handlers that write to Redis (risk alerts)
         if bind_redis is not None:
@@ -512,6 +523,59 @@ def _add_consumers(
         ).setServiceParent(node)
         log.info("consumer {consumer} reads group {group} as {name} with handler {handler}",
                  consumer=config.name, group=config.group, name=name, handler=config.handler)
+    if any(file_exporter.reopens_on_sighup(h) for h in handlers.values()):
+        # started after the consumers (their handlers are there), stopped before them
+        ReopenOnSighup(reactor).setServiceParent(node)
+
+
+class ReopenOnSighup(Service):
+    """
+    SIGHUP (logrotate's ``postrotate``, ``systemctl reload``): every file exporter of the process
+    reopens its file (:func:`payflux.exporters.file.reopen_all`, on the reactor thread).
+
+    ``startService`` installs the process's SIGHUP handler (possible in the main thread only, as
+    under ``twistd``; otherwise one warning line and SIGHUP stays as it was), which chains to a
+    previously installed Python handler; ``stopService`` puts the previous handler back.  The
+    node adds this service only when one of its consumers is a file exporter: elsewhere SIGHUP
+    keeps its default (an ingest worker dies of it; see etc/payflux.service).
+    """
+
+    def __init__(self, reactor):
+        if not hasattr(reactor, "callFromThread"):
+            from twisted.internet import reactor  # e.g. a task.Clock in tests
+        self._reactor = reactor
+        self._installed = False
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._installed:
+            return
+        try:
+            previous = signal.getsignal(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, self._on_sighup)
+        except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP here
+            log.warn("SIGHUP will not reopen export files: {error}", error=str(e))
+            return
+        self._previous, self._installed = previous, True
+
+    def stopService(self):
+        super().stopService()
+        if self._installed:
+            self._installed = False
+            previous, self._previous = self._previous, None
+            try:
+                # None: the previous handler was not installed from Python; the default is what is known
+                signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+            except (ValueError, OSError) as e:
+                log.warn("could not restore the previous SIGHUP handler: {error}", error=str(e))
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        # a signal handler may interrupt the reactor thread anywhere: only hand over to the reactor
+        self._reactor.callFromThread(file_exporter.reopen_all)
+        previous = self._previous
+        if callable(previous) and not isinstance(getattr(previous, "__self__", None), ReopenOnSighup):
+            previous(signum, frame)  # another node's is the same reopen_all: once is enough
 
 
 def _listener(reactor, description: str, factory) -> StreamServerEndpointService:
@@ -532,12 +596,12 @@ class AdoptedListener(Service):
         self._reactor = reactor
         self._fd = fd
         self._family = family
-        self._factory = factory
+        self._protocol_factory = factory
         self.port = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
+        self.port = self._reactor.adoptStreamPort(self._fd, self._family, self._protocol_factory)
         # adoptStreamPort dup()s the descriptor; the inherited one is no longer needed.
         os.close(self._fd)
 
@@ -614,9 +678,18 @@ class ClusterRedirects:
 
 def add_background(node: Node, settings: Settings, pool: RedisPool, keys: StreamKeys, metrics: Metrics, reactor,
                    handlers: dict | None) -> None:
-    """Consumers (role ``consumers``), the trimmer and the samplers: one set per node (or supervisor)."""
+    """
+    Consumers (role ``consumers``), the trimmer and the samplers: one set per node (or supervisor).
+
+    The consumers' handlers are built here (:func:`~payflux.consumers.handlers.build_handlers`;
+    ``handlers`` maps consumer names to prebuilt ones): under twistd that is in ``makeService``,
+    before twistd daemonizes, so building one starts no thread (a handler's ``start()`` runs in
+    its ConsumerService's ``startService``).  A handler that can't be built raises
+    :class:`~payflux.consumers.handlers.HandlerError` before any consumer service is added.
+    """
     if "consumers" in settings.roles:
-        _add_consumers(node, settings, pool, keys, metrics, reactor, handlers or {})
+        handlers = build_handlers(settings.consumers, reactor, handlers)
+        _add_consumers(node, settings, pool, keys, metrics, reactor, handlers)
     if settings.retention_interval > 0:
         TrimService(
             settings.retention(), pool, keys, settings.partitions, metrics.consumers, reactor, ready=pool.whenConnected
@@ -645,9 +718,10 @@ def build_node(
     worker_tag: str | None = None,
 ) -> Node:
     """
-    The node's services; ``handlers`` maps consumer names to prebuilt handlers (tap builds them).
+    The node's services; ``handlers`` maps consumer names to prebuilt handlers (tests), the
+    others are built by :func:`add_background` (HandlerError if one can't be).
 
-    A worker process (see :mod:`payflux.workers`) passes ``ingest_fd``, the listening socket it
+    A worker process (see :mod:`payflux.workerprocess`) passes ``ingest_fd``, the listening socket it
     inherited, and ``worker_tag``: it then runs the ingest role only, on the adopted socket, and
     leaves consumers, the trimmer and the samplers to its supervisor.
     """

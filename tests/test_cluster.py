@@ -19,10 +19,13 @@ from payflux.cli import sample_event
 from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.service import ConsumerService, create_group, open_read_connection
 from payflux.observability.metrics import Metrics
-from payflux.streams.cluster import command_key, key_slot, parse_redirect, parse_slots
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.slots import command_key, key_slot, parse_redirect, parse_slots
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys, partition_for
-from payflux.streams.syncredis import SyncCluster, open_sync
+from payflux.redis.connect import open_sync
+from payflux.redis.scripts import Script, evalsha_sync
+from payflux.redis.sync import SyncCluster
 from payflux.streams.writer import PreparedEvent, RedisUnavailable, StreamWriter, fingerprint_of
 from tests.support import handlers
 from tests.support.cluster import RedisCluster
@@ -236,7 +239,7 @@ class ClusterMixin:
                 c.command("XADD", KEYS.events(p), "*", "p", str(p))
             self.assertEqual([c.command("XLEN", KEYS.events(p)) for p in range(PARTITIONS)], [1] * PARTITIONS)
             self.assertEqual(c.command("PING"), "PONG")
-            self.assertEqual(c.eval_script("return redis.call('XLEN', KEYS[1])", None, [KEYS.events(5)], []), 1)
+            self.assertEqual(evalsha_sync(c, Script("xlen", "return redis.call('XLEN', KEYS[1])"), [KEYS.events(5)], []), 1)
             slot = key_slot(KEYS.events(0))
             target = next(n for n in self.cluster.nodes if n is not self.cluster.owner(slot))
             self.cluster.migrate_slot(slot, target)
@@ -329,7 +332,7 @@ class ClusterClientTests(unittest.TestCase):
     SLOTS = [[0, 8191, [b"10.0.0.1", 7000, b"a"]], [8192, 16383, [b"10.0.0.2", 7000, b"b"]]]
 
     def client(self, members: dict, **kw: Any):
-        from payflux.streams.cluster import ClusterClient
+        from payflux.redis.cluster import ClusterClient
 
         self.clock = task.Clock()
         target = parse_redis_url("redis+cluster://10.0.0.1:7000")
@@ -363,7 +366,7 @@ class ClusterClientTests(unittest.TestCase):
     def test_tryagain_is_retried_then_gives_up_with_a_503_code(self):
         import txredisapi
 
-        from payflux.streams.writer import _UNAVAILABLE_CODES
+        from payflux.redis.replies import UNAVAILABLE_CODES
 
         b = FakeMember(self.SLOTS, [txredisapi.ResponseError("TRYAGAIN split slot")] * 10)
         c = self.client({self.A: FakeMember(self.SLOTS), self.B: b}, max_redirects=3)
@@ -372,7 +375,7 @@ class ClusterClientTests(unittest.TestCase):
             self.clock.advance(c.tryagain_delay)
         failure = self.failureResultOf(d)
         self.assertTrue(str(failure.value).startswith("TRYAGAIN"))
-        self.assertTrue(_UNAVAILABLE_CODES.search(str(failure.value)))
+        self.assertTrue(UNAVAILABLE_CODES.search(str(failure.value)))
         self.assertEqual(len([s for s in b.sent if s[0] == "EVALSHA"]), 4)
 
     def test_an_unreachable_member_fails_within_connect_timeout(self):

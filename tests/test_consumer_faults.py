@@ -19,7 +19,9 @@ import time
 
 from twisted.internet import reactor
 
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import PreparedEvent, StreamWriter, fingerprint_of
 from tests.support.consumers import consumer_started, sleep, wait_for

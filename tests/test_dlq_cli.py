@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from payflux.consumers.dlq import replay
 from payflux.streams.keys import StreamKeys
-from payflux.streams.syncredis import SyncRedis
+from payflux.redis.sync import SyncRedis
 from tests.support.process import PAYFLUX, clean_env
 from tests.support.redis import free_port, redis_test_cases
 

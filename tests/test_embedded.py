@@ -13,7 +13,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from payflux.streams import embedded
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from tests.support.redis import redis_test_cases, sync_command_at
 

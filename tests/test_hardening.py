@@ -28,8 +28,8 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverRe
 from payflux.cli import sample_event
 from payflux.config import OPTIONS_BY_NAME, ConfigError, load_settings
 from payflux.node import build_node
-from payflux.streams.connection import parse_redis_url
-from payflux.streams.syncredis import RedisConnectionError, SyncRedis
+from payflux.redis.target import parse_redis_url
+from payflux.redis.sync import RedisConnectionError, SyncRedis
 from tests.support.node import API_KEYS, API_SECRET, _port_of
 from tests.support.process import PAYFLUX, clean_env
 from tests.support.redis import RedisProcess, find_redis_binaries

@@ -7,9 +7,10 @@ from twisted.trial import unittest
 import time
 
 from payflux.consumers.inspect import (count_after_steps, group_idle, id_age, parse_id, parse_xinfo_consumers,
-                                       parse_xinfo_groups, partition_steps, run_sync)
+                                       parse_xinfo_groups, partition_steps)
+from payflux.redis.steps import run_sync
+from payflux.redis.sync import SyncRedis
 from payflux.streams.keys import StreamKeys
-from payflux.streams.syncredis import SyncRedis
 from tests.support.redis import redis_test_cases
 
 KEYS = StreamKeys("payflux")

@@ -8,8 +8,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from payflux.streams.outage import is_outage, log_step_failure
-from payflux.streams.writer import RedisUnavailable
+from payflux.redis.replies import RedisUnavailable, is_outage
+from payflux.streams.outage import log_step_failure
 
 
 class OutageTests(SynchronousTestCase):

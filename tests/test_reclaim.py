@@ -8,7 +8,9 @@ from typing import Any
 from twisted.internet import reactor, task
 
 from payflux.consumers.handlers import Entry
-from payflux.consumers.reclaim import DEAD_LETTER_SCRIPT, DEAD_LETTER_SHA, ReclaimService, evalsha
+from payflux.consumers.dlq import DEAD_LETTER
+from payflux.redis.scripts import evalsha
+from payflux.consumers.reclaim import ReclaimService
 from payflux.consumers.service import ConsumerService
 from tests.support.consumers import KEYS, RecordingHandler, RedisFixture, config, metric, sleep, wait_for
 from tests.support.redis import redis_test_cases
@@ -103,7 +105,7 @@ class ReclaimMixin(RedisFixture):
         self.deliver()
         self.server.sync_command("XACK", KEYS.events(0), "g", eid)
         args = ["g", eid, "c", "E", "m"]
-        result = await evalsha(self.redis, DEAD_LETTER_SCRIPT, DEAD_LETTER_SHA, [KEYS.events(0), KEYS.dlq(0)], args)
+        result = await evalsha(self.redis, DEAD_LETTER, [KEYS.events(0), KEYS.dlq(0)], args)
         self.assertEqual(int(result), 0)
         self.assertEqual(self.dlq(), [])
         svc = self.reclaimer(RecordingHandler())
@@ -192,6 +194,16 @@ class ReclaimMixin(RedisFixture):
         names = {dict(zip(r[::2], r[1::2]))[b"name"] for r in
                  self.server.sync_command("XINFO", "CONSUMERS", KEYS.events(0), "g")}
         self.assertEqual(names, {b"busy"})
+
+    async def test_a_stream_not_created_yet_is_no_failure(self):
+        """Before the reader's XGROUP CREATE MKSTREAM there is no stream nor group: nothing to reclaim, no error."""
+        self.server.sync_command("DEL", KEYS.events(0))
+        svc = self.reclaimer(RecordingHandler(), idle_consumer_cleanup_ms=50)
+        failed: list = []
+        svc._step_failed = lambda failure, what: failed.append((what, failure.getErrorMessage()))
+        result = await svc.reclaim_once()
+        self.assertEqual(failed, [])
+        self.assertEqual((result["reclaimed"], result["consumers_removed"]), (0, 0))
 
 
 redis_test_cases(ReclaimMixin, globals())

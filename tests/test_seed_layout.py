@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from payflux.consumers.handlers import EntriesFailed
 from payflux.events import contains_pan
-from payflux.streams.cluster import key_slot
+from payflux.redis.slots import key_slot
 from payflux.streams.keys import StreamKeys
 from tests.support.node import read_json, start_node
 from tests.support.process import PAYFLUX, clean_env

@@ -26,10 +26,11 @@ from twisted.trial import unittest
 
 from payflux.config import ConfigError, load_settings
 from payflux.send import sample_event
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys
-from payflux.streams.sentinel import is_primary, parse_master_reply
-from payflux.streams.syncredis import open_sync
+from payflux.redis.replies import is_primary, parse_master_reply
+from payflux.redis.connect import open_sync
 from payflux.streams.writer import PreparedEvent, RedisUnavailable, ReplicasNotAcked, StreamWriter, fingerprint_of
 from tests.support.node import read_json, start_node
 from tests.support.redis import RedisProcess, RedisReplyError, find_redis_binaries
@@ -446,7 +447,7 @@ class SentinelClientTests(unittest.TestCase):
         self.assertEqual(await until(lambda: handler.execute_command("SET", "k", "v"), 10, "a primary again"), "OK")
 
     def test_cli_without_a_known_master(self):
-        from payflux.streams.syncredis import RedisConnectionError
+        from payflux.redis.sync import RedisConnectionError
 
         if not REDIS7:
             raise unittest.SkipTest(NO_REDIS7)

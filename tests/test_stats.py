@@ -8,7 +8,8 @@ from twisted.internet.defer import inlineCallbacks
 
 from payflux.consumers.stats import GroupStatsSampler
 from payflux.observability.metrics import ConsumerMetrics
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys
 from tests.support.redis import redis_test_cases
 

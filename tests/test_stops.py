@@ -30,7 +30,8 @@ from twisted.trial import unittest
 
 from payflux.ingest.app import _reason
 from payflux.node import STOP_MARGIN, Node, RedisHealth, RedisNotReady
-from payflux.streams.connection import RedisTarget, close_pool
+from payflux.redis.target import RedisTarget
+from payflux.redis.txadapter import close_pool
 from tests.support.process import TWISTD, clean_env, http_request, reap_supervisor, worker_pids
 from tests.support.redis import RedisProcess, find_redis_binaries, free_port
 

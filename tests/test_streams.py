@@ -7,7 +7,7 @@ import zlib
 from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
-from payflux.streams.connection import RedisTarget, parse_redis_url
+from payflux.redis.target import RedisTarget, parse_redis_url
 from payflux.streams.keys import StreamKeys, partition_for
 
 
@@ -171,7 +171,7 @@ class TlsOptionsTests(unittest.TestCase):
     def test_rediss_gets_a_verifying_connection_creator(self):
         from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-        from payflux.streams.connection import tls_options
+        from payflux.redis.target import tls_options
 
         creator = tls_options(parse_redis_url("rediss://redis.example.com:6380"))
         self.assertTrue(IOpenSSLClientConnectionCreator.providedBy(creator))
@@ -198,7 +198,7 @@ class ReportRefusalTests(unittest.TestCase):
         import txredisapi
         from twisted.logger import globalLogPublisher, formatEvent
 
-        from payflux.streams.connection import _report_refusal
+        from payflux.redis.txadapter import _report_refusal
 
         factory = self.pool()
         waiting = factory.connectionQueue.waiting + factory.connectionQueue.peekers
@@ -209,7 +209,7 @@ class ReportRefusalTests(unittest.TestCase):
         factory.deferred.errback(ValueError(f"Redis error: {reason}"))
         for d in waiting:
             self.failureResultOf(d, txredisapi.ConnectionError)
-        lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("payflux.streams")]
+        lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("payflux.redis")]
         self.assertEqual(len(lines), 1, lines)
         self.assertNotIn("s3cret-pw", lines[0])
         return lines[0], waiting

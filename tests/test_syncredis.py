@@ -7,7 +7,8 @@ import threading
 
 from twisted.trial import unittest
 
-from payflux.streams.syncredis import RedisConnectionError, RedisReplyError, SyncRedis
+from payflux.redis.scripts import Script, evalsha_sync
+from payflux.redis.sync import RedisConnectionError, RedisReplyError, SyncRedis
 from tests.support.redis import free_port, redis_test_cases
 
 
@@ -44,15 +45,15 @@ class SyncRedisMixin:
         with SyncRedis.from_url(server.url.replace("redis://", "redis://ops:opspass@")) as r:
             self.assertEqual(r.command("ACL", "WHOAMI"), "ops")
 
-    def test_eval_script_falls_back_on_noscript(self):
+    def test_evalsha_sync_reloads_on_noscript(self):
         server = self.start_redis()
         with SyncRedis.from_url(server.url) as r:
-            script = "return {KEYS[1], ARGV[1]}"
-            self.assertEqual(r.eval_script(script, None, ["k"], ["a"]), ["k", "a"])
+            script = Script("test", "return {KEYS[1], ARGV[1]}")
+            self.assertEqual(evalsha_sync(r, script, ["k"], ["a"]), ["k", "a"])
             r.command("SCRIPT", "FLUSH")
-            self.assertEqual(r.eval_script(script, None, ["k"], ["b"]), ["k", "b"])
+            self.assertEqual(evalsha_sync(r, script, ["k"], ["b"]), ["k", "b"])
             with self.assertRaises(RedisReplyError):
-                r.eval_script("return redis.call('NOPE')", None, [], [])
+                evalsha_sync(r, Script("nope", "return redis.call('NOPE')"), [], [])
 
     def test_timeout_when_redis_stops_answering(self):
         server = self.start_redis()

@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from payflux.consumers.config import RetentionConfig
 from payflux.consumers.trim import TrimService
 from payflux.observability.metrics import ConsumerMetrics
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys
 from tests.support.redis import redis_test_cases
 

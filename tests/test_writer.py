@@ -8,7 +8,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys, partition_for
 from payflux.streams.writer import (
     AppendResult,

@@ -1,7 +1,7 @@
 """FastAPI peer of PayFlux's ingest contract, used only by the benchmark.
 
 This is the "same contract, done idiomatically in FastAPI" reference that PayFlux's
-performance targets are expressed against (see DESIGN.md, "Performance targets"):
+performance targets are expressed against (PROOF-load-test.md):
 uvicorn (uvloop + httptools) + pydantic v2 + redis.asyncio with hiredis.
 
 It implements the PayFlux HTTP contract closely enough that both sides do comparable

@@ -1,7 +1,13 @@
 """
-Dead-letter tools for the operator CLI: list, replay, purge (blocking, over SyncRedis).
+Dead letters: how an entry gets into a partition's DLQ, and the operator CLI's tools for it.
 
-A DLQ entry (``<prefix>:{p}:dlq``, written by the reclaim loop; docs/stream-format.md,
+- Dead-lettering (the daemon): :func:`move_to_dlq` moves one pending entry to the DLQ with one
+  Lua call (:data:`DEAD_LETTER_SCRIPT`).  The reclaim loop
+  (:meth:`payflux.consumers.reclaim.ReclaimService.dead_letter`) decides when: an entry handed
+  out ``max_deliveries`` times already, with the handler's last error (or :data:`NO_ERROR`).
+- The CLI (``payflux dlq``): list, replay, purge (blocking, over SyncRedis).
+
+A DLQ entry (``<prefix>:{p}:dlq``, written by :data:`DEAD_LETTER_SCRIPT`; docs/stream-format.md,
 "Dead-letter records") holds ``original_id, group, consumer, deliveries, error_class,
 error_message, dead_lettered_at, source_stream`` followed by the original entry's fields
 ``v, event_id, type, received_at, data``.
@@ -18,13 +24,60 @@ partition is given (two partitions' DLQs can hold the same id).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, Iterable, Sequence
 
 import attrs
+from twisted.internet import defer
 
 from payflux.consumers.inspect import pairs, parse_id, text
+from payflux.redis.scripts import Script, evalsha, evalsha_sync
 from payflux.streams.keys import StreamKeys
+
+# -- moving an entry to the DLQ (the daemon's reclaim loop) ------------------------------------
+
+# KEYS[1] = events stream, KEYS[2] = DLQ stream.
+# ARGV = group, stream id, consumer, error_class, error_message.
+# Returns 1 (moved), 0 (not pending in the group any more: someone acked it; nothing done),
+# -1 (pending but the stream entry is gone: acked, nothing written).
+DEAD_LETTER_SCRIPT = r"""
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 then return 0 end
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #e == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return -1
+end
+local t = redis.call('TIME')
+local now_ms = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local f = {'original_id', ARGV[2], 'group', ARGV[1], 'consumer', ARGV[3],
+           'deliveries', tostring(tonumber(p[1][4]) - 1), 'error_class', ARGV[4], 'error_message', ARGV[5],
+           'dead_lettered_at', now_ms, 'source_stream', KEYS[1]}
+local orig = e[1][2]
+for i = 1, #orig do f[#f + 1] = orig[i] end
+redis.call('XADD', KEYS[2], '*', unpack(f))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+DEAD_LETTER = Script("dead-letter", DEAD_LETTER_SCRIPT)
+
+NO_ERROR = ("DeliveryLimitExceeded", "no handler error recorded (the consumer stopped or crashed while handling it)")
+
+
+def move_to_dlq(redis: Any, keys: StreamKeys, partition: int, stream_id: str, group: str, consumer: str,
+                error_class: str, error_message: str) -> defer.Deferred:
+    """
+    Move ``stream_id`` of ``partition`` to the partition's DLQ: one :data:`DEAD_LETTER_SCRIPT`
+    call (XADD of the dead-letter record to ``keys.dlq(partition)`` + XACK of the original, only
+    if it is still pending in ``group``; the original entry is never XDELed).  Fires with 1
+    (moved), 0 (not pending in the group any more: someone acked it; nothing done) or -1
+    (pending but the stream entry is gone: acked, nothing written).
+    """
+    d = evalsha(redis, DEAD_LETTER, [keys.events(partition), keys.dlq(partition)],
+                [group, stream_id, consumer, error_class, error_message])
+    return d.addCallback(int)
+
+
+# -- the operator CLI's tools: list, replay, purge (blocking, over SyncRedis) ---------------------
 
 ORIGINAL_FIELDS = ("v", "event_id", "type", "received_at", "data")
 
@@ -62,14 +115,14 @@ for i, id in ipairs(ARGV) do
 end
 return out
 """
-REPLAY_SHA = hashlib.sha1(REPLAY_SCRIPT.encode("utf-8")).hexdigest()
+REPLAY = Script("dlq replay", REPLAY_SCRIPT)
 
 PURGE_SCRIPT = r"""
 local n = redis.call('XLEN', KEYS[1])
 redis.call('DEL', KEYS[1])
 return n
 """
-PURGE_SHA = hashlib.sha1(PURGE_SCRIPT.encode("utf-8")).hexdigest()
+PURGE = Script("dlq purge", PURGE_SCRIPT)
 
 
 @attrs.frozen
@@ -165,7 +218,7 @@ class ReplayResult:
 
 def _replay_batch(sync_redis: Any, keys: StreamKeys, p: int, ids: list[str], result: ReplayResult) -> set[str]:
     """Replay ``ids`` of partition ``p``; returns the ids that were present (replayed or skipped)."""
-    replies = sync_redis.eval_script(REPLAY_SCRIPT, REPLAY_SHA, [keys.dlq(p), keys.events(p)], ids)
+    replies = evalsha_sync(sync_redis, REPLAY, [keys.dlq(p), keys.events(p)], ids)
     present = set()
     for dlq_id, reply in zip(ids, replies):
         reply = text(reply)
@@ -231,4 +284,4 @@ def replay(sync_redis: Any, keys: StreamKeys, partitions: int, ids: Sequence[str
 
 def purge(sync_redis: Any, keys: StreamKeys, partitions: int) -> dict[int, int]:
     """Delete every partition's DLQ stream; ``{partition: entries deleted}`` (atomic per partition)."""
-    return {p: int(sync_redis.eval_script(PURGE_SCRIPT, PURGE_SHA, [keys.dlq(p)], [])) for p in range(partitions)}
+    return {p: int(evalsha_sync(sync_redis, PURGE, [keys.dlq(p)])) for p in range(partitions)}

@@ -2,12 +2,12 @@
 Stream and consumer-group facts from raw Redis replies, for the CLI and the metrics sampler.
 
 Nothing here does I/O.  The parsers take replies as either client returns them (the CLI's
-:class:`~payflux.streams.syncredis.SyncRedis` or txredisapi with ``convertNumbers=False``:
+:mod:`payflux.redis.sync` or txredisapi with ``convertNumbers=False``:
 strings, ints, nested lists, ``None``).  Questions that need several round trips are written
-once as *step generators*: a generator yields a command (a tuple of arguments), receives its
-reply, and finally returns the facts.  :func:`run_sync` drives one with a blocking
-``command(*args)`` callable, :func:`run_deferred` with an ``execute_command(*args) -> Deferred``
-one, so the CLI and the async sampler share one implementation.
+once as *step generators* (:mod:`payflux.redis.steps`): a generator yields a command (a tuple
+of arguments), receives its reply, and finally returns the facts; ``run_sync`` drives one with
+the CLI's blocking client, ``run_deferred`` with the daemon's pool, so the CLI and the async
+sampler share one implementation.
 
 Lag (entries in the stream that the group has not been delivered yet):
 
@@ -35,15 +35,12 @@ i.e. how long ago the oldest unacknowledged entry was appended (clamped at 0).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Sequence
 
 import attrs
-from twisted.internet import defer
 
+from payflux.redis.steps import Steps
 from payflux.streams.keys import StreamKeys
-
-Command = tuple
-Steps = Generator[Command, Any, Any]
 
 _INF_ID = (float("inf"), 0)
 
@@ -235,36 +232,3 @@ def partition_steps(keys: StreamKeys, partition: int, now: float, max_scan: int 
     dlq_depth = int((yield ("XLEN", dlq)))
     return PartitionFacts(partition=partition, stream=stream, length=length, first_id=first_id,
                           last_id=last_id, groups=tuple(groups), dlq=dlq, dlq_depth=dlq_depth)
-
-
-def run_sync(steps: Steps, command: Callable[..., Any]) -> Any:
-    """Drive ``steps`` with a blocking ``command(*args)``; exceptions propagate into the steps."""
-    reply: Any = None
-    error: BaseException | None = None
-    try:
-        while True:
-            cmd = steps.throw(error) if error is not None else steps.send(reply)
-            error = None
-            try:
-                reply = command(*cmd)
-            except Exception as e:
-                error = e
-    except StopIteration as stop:
-        return stop.value
-
-
-@defer.inlineCallbacks
-def run_deferred(steps: Steps, execute: Callable[..., defer.Deferred]) -> Generator[Any, Any, Any]:
-    """Drive ``steps`` with an ``execute(*args) -> Deferred`` (e.g. txredisapi ``execute_command``)."""
-    reply: Any = None
-    error: BaseException | None = None
-    try:
-        while True:
-            cmd = steps.throw(error) if error is not None else steps.send(reply)
-            error = None
-            try:
-                reply = yield execute(*cmd)
-            except Exception as e:
-                error = e
-    except StopIteration as stop:
-        return stop.value

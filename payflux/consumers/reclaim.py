@@ -13,7 +13,8 @@ COUNT <reclaim_count>`` from ``0-0`` until Redis returns the cursor ``0-0``.  Fo
   incremented it for this claim).  "After max_deliveries": an entry whose count is now
   ``> max_deliveries`` has been handed out ``max_deliveries`` times already; it is moved to
   ``keys.dlq(p)`` by one Lua call (XADD to the DLQ + XACK of the original, only if it is still
-  pending in the group) instead of being delivered again.  So a handler that always fails sees
+  pending in the group: :func:`payflux.consumers.dlq.move_to_dlq`, where the dead-letter script
+  and record live) instead of being delivered again.  So a handler that always fails sees
   an entry exactly ``max_deliveries`` times.  The original entry is never XDELed.
 - The other claimed entries go to the handler as one batch (``reclaimed``); completed ones
   are acked, failed ones stay pending for the next pass.
@@ -32,7 +33,6 @@ handled are redelivered elsewhere (at-least-once allows that; it costs duplicate
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -41,40 +41,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from payflux.consumers.config import ConsumerConfig
+from payflux.consumers.dlq import NO_ERROR, move_to_dlq
 from payflux.consumers.handlers import run_handler
 from payflux.consumers.inspect import text
 from payflux.consumers.service import ack, is_error, remember_errors
 from payflux.observability.logsummary import repeated
 from payflux.observability.metrics import ConsumerMetrics
+from payflux.redis.scripts import Script, evalsha
 from payflux.streams.keys import StreamKeys
 from payflux.streams.outage import log_step_failure
 
 log = Logger()
-
-# KEYS[1] = events stream, KEYS[2] = DLQ stream.
-# ARGV = group, stream id, consumer, error_class, error_message.
-# Returns 1 (moved), 0 (not pending in the group any more: someone acked it; nothing done),
-# -1 (pending but the stream entry is gone: acked, nothing written).
-DEAD_LETTER_SCRIPT = r"""
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 then return 0 end
-local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if #e == 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  return -1
-end
-local t = redis.call('TIME')
-local now_ms = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-local f = {'original_id', ARGV[2], 'group', ARGV[1], 'consumer', ARGV[3],
-           'deliveries', tostring(tonumber(p[1][4]) - 1), 'error_class', ARGV[4], 'error_message', ARGV[5],
-           'dead_lettered_at', now_ms, 'source_stream', KEYS[1]}
-local orig = e[1][2]
-for i = 1, #orig do f[#f + 1] = orig[i] end
-redis.call('XADD', KEYS[2], '*', unpack(f))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-DEAD_LETTER_SHA = hashlib.sha1(DEAD_LETTER_SCRIPT.encode("utf-8")).hexdigest()
 
 # KEYS[1] = events stream; ARGV = group, consumer.  Deletes the consumer only if it owns no
 # pending entry (DELCONSUMER would drop them from the group: never redelivered).
@@ -82,22 +59,7 @@ DELETE_IDLE_CONSUMER_SCRIPT = r"""
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
-DELETE_IDLE_CONSUMER_SHA = hashlib.sha1(DELETE_IDLE_CONSUMER_SCRIPT.encode("utf-8")).hexdigest()
-
-NO_ERROR = ("DeliveryLimitExceeded", "no handler error recorded (the consumer stopped or crashed while handling it)")
-
-
-def evalsha(redis: Any, script: str, sha: str, keys: list[str], args: list[Any]) -> defer.Deferred:
-    """EVALSHA, loading the script once on NOSCRIPT (after a Redis restart or SCRIPT FLUSH)."""
-
-    def reload(failure: Failure) -> Any:
-        if not is_error(failure, "NOSCRIPT"):
-            return failure
-        d = redis.execute_command("SCRIPT", "LOAD", script)
-        d.addCallback(lambda _: redis.execute_command("EVALSHA", sha, len(keys), *keys, *args))
-        return d
-
-    return redis.execute_command("EVALSHA", sha, len(keys), *keys, *args).addErrback(reload)
+DELETE_IDLE_CONSUMER = Script("delete idle consumer", DELETE_IDLE_CONSUMER_SCRIPT)
 
 
 class ReclaimService(Service):
@@ -191,8 +153,10 @@ class ReclaimService(Service):
                     await step
                 except Exception:
                     failure = Failure()
-                    if is_error(failure, "NOGROUP"):
-                        continue  # the reader recreates the group; nothing can be pending in it
+                    if is_error(failure, "NOGROUP") or is_error(failure, "ERR no such key"):
+                        # no group (or no stream yet, before the reader's XGROUP CREATE MKSTREAM):
+                        # the reader creates it; nothing can be pending in it
+                        continue
                     self._step_failed(failure, what)
         return totals
 
@@ -282,12 +246,11 @@ class ReclaimService(Service):
             self.m_acked.inc(await ack(self.redis, self.keys, self.config.group, {p: done}))
 
     async def dead_letter(self, p: int, stream_id: str) -> bool:
-        """Move ``stream_id`` of partition ``p`` to the DLQ (one Lua call); False if it wasn't pending."""
+        """Move ``stream_id`` of partition ``p`` to the DLQ (:func:`payflux.consumers.dlq.move_to_dlq`,
+        one Lua call) with its last handler error, counted and logged; False if it wasn't pending."""
         error_class, message = self.last_errors.get((p, stream_id), NO_ERROR)
-        result = int(await evalsha(
-            self.redis, DEAD_LETTER_SCRIPT, DEAD_LETTER_SHA, [self.keys.events(p), self.keys.dlq(p)],
-            [self.config.group, stream_id, self.consumer_name, error_class, message],
-        ))
+        result = await move_to_dlq(self.redis, self.keys, p, stream_id, self.config.group, self.consumer_name,
+                                   error_class, message)
         if result == 1:
             self.last_errors.pop((p, stream_id), None)
             self.metrics.dead_lettered.labels(
@@ -315,8 +278,7 @@ class ReclaimService(Service):
             # "inactive" (last successful one), which a live consumer on a quiet stream grows
             if int(info.get("idle", 0)) <= idle_ms:
                 continue
-            deleted = await evalsha(self.redis, DELETE_IDLE_CONSUMER_SCRIPT, DELETE_IDLE_CONSUMER_SHA,
-                                    [key], [self.config.group, name])
+            deleted = await evalsha(self.redis, DELETE_IDLE_CONSUMER, [key], [self.config.group, name])
             if int(deleted) == 0:
                 totals["consumers_removed"] += 1
                 log.info("reclaim {consumer}: removed idle consumer {name} from {stream}",

@@ -22,6 +22,8 @@ Contract (docs/stream-format.md, "Consumer groups"):
 - Any failed step is logged, counted in ``read_errors`` and retried after an exponential
   backoff (``reactor.callLater``, capped at ``MAX_BACKOFF``); nothing ends the loop but
   ``stopService``.
+- ``startService`` calls the handler's optional ``start()`` (its threads, if any, start in the
+  running process, never before ``twistd`` daemonizes), then starts reading.
 - ``stopService``: stop reading (the blocking connection is closed, within CLOSE_LIMIT even if
   Redis doesn't answer), wait up to ``grace`` seconds for batches with the handler, ack what
   finished, leave the rest pending, close the handler (waiting at most HANDLER_CLOSE_LIMIT for
@@ -42,8 +44,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from payflux.consumers.config import ConsumerConfig
-from payflux.consumers.handlers import BatchOutcome, close_handler, run_handler
+from payflux.consumers.handlers import BatchOutcome, close_handler, run_handler, start_handler
 from payflux.observability.metrics import ConsumerMetrics
+from payflux.redis.connect import connect
+from payflux.redis.txadapter import close_pool, decoding_protocol
 from payflux.streams.keys import StreamKeys
 from payflux.streams.outage import log_step_failure
 
@@ -118,32 +122,10 @@ def open_read_connection(target: Any, block_ms: int, connect_timeout: float = 5.
     reply timeout (BLOCK + 5 s) exceeds BLOCK.  With hiredis, replies are decoded to str by
     hiredis itself instead of txredisapi's per-element Python walk (about 2x the read rate).
     """
-    from payflux.streams.connection import connect
-
     return connect(target, 1, connect_timeout, reply_timeout=block_ms / 1000 + 5, protocol=_DecodingProtocol)
 
 
-def _decoding_protocol() -> Any:
-    import txredisapi
-
-    if txredisapi.hiredis is None:
-        return None
-
-    class DecodingHiredisProtocol(txredisapi.HiredisProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._reader = txredisapi.hiredis.Reader(
-                protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError,
-                encoding="utf-8", errors="replace",
-            )
-
-        def tryConvertData(self, data: Any) -> Any:
-            return data  # already str (or int/None/list of those) from hiredis
-
-    return DecodingHiredisProtocol
-
-
-_DecodingProtocol = _decoding_protocol()
+_DecodingProtocol = decoding_protocol()
 
 
 class ConsumerService(Service):
@@ -205,6 +187,8 @@ class ConsumerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # the handler's threads (if any) start now, in the process that runs (after a fork)
+        start_handler(self.handler)
         self._stopping = False
         self._acks_allowed = True
         self._loop = defer.ensureDeferred(self._run())
@@ -229,8 +213,6 @@ class ConsumerService(Service):
         return defer.ensureDeferred(self._drain(blocking or [], grace, deadline))
 
     async def _drain(self, blocking: list[Any], grace: float, deadline: float | None) -> None:
-        from payflux.streams.connection import close_pool
-
         if blocking:
             await defer.DeferredList([close_pool(c, CLOSE_LIMIT, self.reactor, what=f"consumer {self.config.name}'s "
                                                  "read connection") for c in blocking])

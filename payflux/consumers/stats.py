@@ -28,9 +28,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from payflux.consumers.inspect import PartitionFacts, partition_steps, run_deferred
+from payflux.consumers.inspect import PartitionFacts, partition_steps
 from payflux.consumers.periodic import PeriodicService
 from payflux.observability.metrics import ConsumerMetrics
+from payflux.redis.steps import run_deferred
 from payflux.streams.keys import StreamKeys
 from payflux.streams.outage import log_step_failure
 

@@ -31,8 +31,7 @@ comes from ``reactor.seconds()`` (interval and age cut-off), so tests drive both
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Callable, Generator, Sequence, Union
+from typing import Any, Callable, Generator, Union
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -43,6 +42,7 @@ from payflux.consumers.config import RetentionConfig
 from payflux.consumers.inspect import entry_id, format_id, parse_id, text
 from payflux.consumers.periodic import PeriodicService
 from payflux.observability.metrics import ConsumerMetrics
+from payflux.redis.scripts import Script, evalsha
 from payflux.streams.keys import StreamKeys
 from payflux.streams.outage import log_step_failure
 
@@ -127,20 +127,8 @@ redis.call('XTRIM', key, 'MAXLEN', len - #doomed)
 return {#doomed, lost, first, last, len - #doomed}
 """
 
-SOFT_TRIM_SHA = hashlib.sha1(SOFT_TRIM_SCRIPT.encode()).hexdigest()
-HARD_CAP_SHA = hashlib.sha1(HARD_CAP_SCRIPT.encode()).hexdigest()
-
-
-@defer.inlineCallbacks
-def eval_script(redis: Any, script: str, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Generator:
-    """EVALSHA on a txredisapi handler, EVAL when the server answers NOSCRIPT."""
-    try:
-        result = yield redis.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-    except Exception as e:
-        if not str(e).startswith("NOSCRIPT") and "NOSCRIPT" not in str(getattr(e, "args", "")):
-            raise
-        result = yield redis.execute_command("EVAL", script, len(keys), *keys, *args)
-    return result
+SOFT_TRIM = Script("soft trim", SOFT_TRIM_SCRIPT)
+HARD_CAP = Script("hard cap", HARD_CAP_SCRIPT)
 
 
 class TrimService(PeriodicService):
@@ -233,7 +221,7 @@ class TrimService(PeriodicService):
                 points.append(parse_id(point))
         if points:
             wanted = format_id(max(points))
-            removed, floor, used = yield eval_script(self.redis, SOFT_TRIM_SCRIPT, SOFT_TRIM_SHA, [stream], [wanted])
+            removed, floor, used = yield evalsha(self.redis, SOFT_TRIM, [stream], [wanted])
             removed = int(removed)
             if removed:
                 self.metrics.trimmed.labels(partition=label).inc(removed)
@@ -249,8 +237,8 @@ class TrimService(PeriodicService):
         total_removed = total_lost = 0
         first_id = last_id = None
         while True:
-            removed, lost, first, last, remaining = yield eval_script(
-                self.redis, HARD_CAP_SCRIPT, HARD_CAP_SHA, [stream], [self.retention.hard_cap, self.hard_cap_chunk])
+            removed, lost, first, last, remaining = yield evalsha(
+                self.redis, HARD_CAP, [stream], [self.retention.hard_cap, self.hard_cap_chunk])
             removed, lost = int(removed), int(lost)
             if removed == 0:
                 break

@@ -6,7 +6,7 @@ and ``GET /status.json``, which the page polls every 2 seconds.
 Every number comes from the same metric families ``/metrics`` serves, never from a second set
 of counters: a node collects its own registry (``registry.collect()``); a ``--workers``
 supervisor uses the text of its summed ``/metrics`` (its own families plus the workers' ingest
-families summed, :meth:`payflux.workers.WorkerPool.render_metrics`), parsed back.  So what the
+families summed, :meth:`payflux.supervisor.WorkerPool.render_metrics`), parsed back.  So what the
 page says is exactly what Prometheus scrapes.
 
 Throughput (events/s) is computed **server-side**: each ``status.json`` keeps a sample of the
@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from payflux.consumers.inspect import pairs, text
-from payflux.streams.outage import is_outage
+from payflux.redis.replies import is_outage
 
 log = Logger()
 

@@ -18,6 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from payflux.exporters.signing import signed_headers
 from payflux.risk.alerts import Transition
 from payflux.streams.outage import log_step_failure
 
@@ -98,8 +99,6 @@ class AlertWebhook:
 
     def __init__(self, url: str, secret: bytes, clock: Any, timeout: float, max_attempts: int, queue_max: int,
                  on_failure: Callable[[], None], on_drop: Callable[[int], None], http: Any = None) -> None:
-        from payflux.exporters.signing import signed_headers
-
         if http is None:
             import treq as http
         self.url = url

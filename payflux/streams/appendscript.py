@@ -16,9 +16,9 @@ comments included, changes the sha Redis knows it by.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Protocol, Sequence
 
+from payflux.redis.scripts import Script
 from payflux.streams.keys import StreamKeys
 
 # The stream format version: the entry field ``v``, which the script writes as
@@ -129,7 +129,8 @@ end
 return replies
 """
 
-APPEND_SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode("utf-8")).hexdigest()
+APPEND = Script("append", APPEND_SCRIPT)
+APPEND_SCRIPT_SHA = APPEND.sha
 
 
 class ScriptEvent(Protocol):

@@ -46,16 +46,20 @@ it is not strong consistency (docs/sentinel.md).  Off, nothing extra is sent.
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
 import attrs
 import txredisapi
-from twisted.internet import defer, error as terror
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from payflux.redis.replies import RedisUnavailable, outage_reason
+from payflux.redis.resp import Encoded, encode_command
+from payflux.redis.scripts import evalsha
+from payflux.redis.txadapter import accepts_encoded, peek_connection
 from payflux.streams.appendscript import (
+    APPEND,
     APPEND_SCRIPT,
     APPEND_SCRIPT_SHA,
     FORMAT_VERSION,
@@ -63,7 +67,6 @@ from payflux.streams.appendscript import (
     segment_replies,
 )
 from payflux.streams.keys import StreamKeys, partition_for
-from payflux.streams.resp import Encoded as _Encoded, accepts_encoded as _accepts_encoded, encode_command
 
 __all__ = [
     "APPEND_SCRIPT",
@@ -81,11 +84,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-# Error replies that mean "Redis can't take writes right now" rather than a bug.
-_UNAVAILABLE_CODES = re.compile(
-    r"(?:^|[\s:\-])(OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|CLUSTERDOWN)\b"
-)
 
 DEFAULT_MAX_FLUSH_EVENTS = 1000
 
@@ -115,10 +113,6 @@ class IdempotencyConflict(Exception):
     def __init__(self, event_ids: list[str]) -> None:
         self.event_ids = list(event_ids)
         super().__init__(f"event_id already used with a different payload: {', '.join(self.event_ids)}")
-
-
-class RedisUnavailable(Exception):
-    """Redis could not take the append in time or refused it (HTTP 503); str() says why."""
 
 
 class ReplicasNotAcked(RedisUnavailable):
@@ -166,24 +160,14 @@ class _Segment:
                 self.done.callback(result)
 
 
-def _unavailable_reason(failure: Failure) -> str | None:
-    """Why ``failure`` means Redis is unavailable, or None if it's something else."""
-    if failure.check(txredisapi.ConnectionError, terror.ConnectError, terror.ConnectionLost, terror.ConnectionDone):
-        return f"connection to redis failed: {failure.getErrorMessage()}"
-    if failure.check(txredisapi.ResponseError):
-        message = failure.getErrorMessage()
-        if _UNAVAILABLE_CODES.search(message):
-            return f"redis refused the append: {message}"
-    return None
-
-
 class StreamWriter:
     """
     Appends prepared events; see ``append`` for the contract.
 
-    ``redis`` is a txredisapi handler (``payflux.streams.connection.connect``),
-    an object delegating attribute access to one (``_factory`` is used to take
-    a pooled connection first, so nothing is sent after a caller gave up), or
+    ``redis`` is a txredisapi handler (``payflux.redis.connect.connect``),
+    an object delegating attribute access to one (a pooled connection is taken
+    first, :func:`payflux.redis.txadapter.peek_connection`, so nothing is sent
+    after a caller gave up), or
     a single connected txredisapi protocol.  ``timeout`` bounds every
     ``append`` as a whole: waiting for its flush, for a pooled connection,
     EVALSHA and a NOSCRIPT reload.  ``max_stream_length`` (None = no cap) makes an append
@@ -362,10 +346,7 @@ class StreamWriter:
     def _connection(self) -> defer.Deferred:
         # A pool handler would pick a connection and send in one step; we need
         # the connection first so nothing is sent after the caller gave up.
-        factory = getattr(self.redis, "_factory", None)
-        if factory is None:
-            return defer.succeed(self.redis)
-        return factory.getConnection(peek=True)
+        return peek_connection(self.redis)
 
     @staticmethod
     def _live(segments: list[_Segment]) -> list[_Segment]:
@@ -378,30 +359,23 @@ class StreamWriter:
                 live.append(s)
         return live
 
-    def _evalsha(
-        self, conn: Any, partition: int, segments: list[_Segment], reload: bool = True
-    ) -> defer.Deferred | None:
-        live = self._live(segments)
-        if not live:
+    def _evalsha(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred | None:
+        """The append script for the segments still waiting, on ``conn`` (reloaded on NOSCRIPT)."""
+        if not self._live(segments):
             return None
 
-        def load_script(failure: Failure) -> Any:
-            failure.trap(txredisapi.ResponseError)
-            if not (reload and failure.getErrorMessage().startswith("NOSCRIPT")):
-                return failure
-            log.info("loading append script {sha} into redis", sha=APPEND_SCRIPT_SHA)
-            d = conn.execute_command("SCRIPT", "LOAD", APPEND_SCRIPT)
-            d.addCallback(self._check_sha)
-            d.addCallback(lambda _: self._evalsha(conn, partition, live, reload=False))
-            return d
+        def send() -> defer.Deferred:
+            # sent again after a NOSCRIPT reload: only for the callers still waiting by then
+            live = self._live(segments)
+            if not live:
+                return defer.succeed(None)
+            d = self._send(conn, partition, live)
+            if self.min_replicas_ack:
+                d = self._with_replica_acks(conn, d)
+                return d.addCallback(lambda reply_acks: self._deliver(reply_acks[0], partition, live, reply_acks[1]))
+            return d.addCallback(self._deliver, partition, live)
 
-        d = self._send(conn, partition, live)
-        if self.min_replicas_ack:
-            d = self._with_replica_acks(conn, d)
-            d.addCallback(lambda reply_acks: self._deliver(reply_acks[0], partition, live, reply_acks[1]))
-        else:
-            d.addCallback(self._deliver, partition, live)
-        return d.addErrback(load_script)
+        return evalsha(conn, APPEND, send=send)
 
     def _with_replica_acks(self, conn: Any, evalsha: defer.Deferred) -> defer.Deferred:
         """``evalsha``'s reply and WAIT's replica count, WAIT sent at once behind it on ``conn``."""
@@ -425,15 +399,10 @@ class StreamWriter:
     def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred:
         args = append_args(self.keys, partition, segments, self.dedupe_window_ms, self.max_stream_length)
         if self.encode and getattr(conn, "routes_encoded", False):  # a cluster client: route by the stream key
-            return conn.execute_command(_Encoded(encode_command(args)), route_key=args[3])
-        if self.encode and _accepts_encoded(conn):
-            return conn.execute_command(_Encoded(encode_command(args)))
+            return conn.execute_command(Encoded(encode_command(args)), route_key=args[3])
+        if self.encode and accepts_encoded(conn):
+            return conn.execute_command(Encoded(encode_command(args)))
         return conn.execute_command(*args)
-
-    @staticmethod
-    def _check_sha(sha: Any) -> None:
-        if str(sha) != APPEND_SCRIPT_SHA:
-            raise RuntimeError(f"redis returned script sha {sha}, expected {APPEND_SCRIPT_SHA}")
 
     def _deliver(self, reply: Any, partition: int, segments: list[_Segment], acked: int | None = None) -> None:
         replies = segment_replies(reply, len(segments))
@@ -463,7 +432,9 @@ class StreamWriter:
 
     @staticmethod
     def _map_error(failure: Failure) -> Failure:
-        reason = _unavailable_reason(failure)
+        if failure.check(RedisUnavailable):
+            return failure
+        reason = outage_reason(failure, "the append")
         if reason is not None:
             raise RedisUnavailable(reason)
         return failure

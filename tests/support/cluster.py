@@ -84,7 +84,7 @@ class RedisCluster:
 
     def command(self, key: str, *args: Any) -> Any:
         """One command on the owner of ``key``'s slot (bulk replies as bytes)."""
-        from payflux.streams.cluster import key_slot
+        from payflux.redis.slots import key_slot
 
         return self.owner(key_slot(key)).sync_command(*args)
 

@@ -18,7 +18,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# Run as a script, this directory is sys.path[0], and its redis.py would shadow redis-py.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
 from twisted.application.service import MultiService  # noqa: E402
 from twisted.internet import reactor, task  # noqa: E402
@@ -28,7 +31,8 @@ from payflux.consumers.handlers import load_handler  # noqa: E402
 from payflux.consumers.reclaim import ReclaimService  # noqa: E402
 from payflux.consumers.service import ConsumerService, open_read_connection  # noqa: E402
 from payflux.observability.metrics import Metrics  # noqa: E402
-from payflux.streams.connection import connect, parse_redis_url  # noqa: E402
+from payflux.redis.connect import connect  # noqa: E402
+from payflux.redis.target import parse_redis_url  # noqa: E402
 from payflux.streams.keys import StreamKeys  # noqa: E402
 
 

@@ -12,7 +12,8 @@ from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.handlers import EntriesFailed, Entry
 from payflux.consumers.service import open_read_connection
 from payflux.observability.metrics import Metrics
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys
 
 KEYS = StreamKeys("pf")

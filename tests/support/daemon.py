@@ -17,7 +17,8 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from payflux.events import canonical_json
-from payflux.streams.connection import connect, parse_redis_url
+from payflux.redis.connect import connect
+from payflux.redis.target import parse_redis_url
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import PreparedEvent, StreamWriter, fingerprint_of
 from tests.support.consumers import wait_for

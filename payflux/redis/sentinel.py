@@ -2,14 +2,15 @@
 Redis Sentinel: find the primary through the sentinels, and follow it when it fails over.
 
 ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[?db=N&sentinel_password=...]``
-(payflux/streams/connection.py parses it) gives :func:`connect_sentinel`: an ordinary lazy,
-reconnecting txredisapi pool (same ``execute_command``/``disconnect`` surface, same ``_factory``
-the StreamWriter takes a connection from), whose every connection attempt goes through
+(payflux/redis/target.py parses it) gives :func:`connect_sentinel`: an ordinary lazy,
+reconnecting txredisapi pool (same ``execute_command``/``disconnect`` surface as any other pool,
+built by :func:`payflux.redis.txadapter.sentinel_factory`), whose every connection attempt goes through
 :class:`SentinelEndpoint`:
 
 1. ask the sentinels, in order (the last one that answered first), ``SENTINEL
    get-master-addr-by-name <master-name>``; a sentinel that is down, slow (``connect_timeout``)
-   or doesn't know the name is skipped;
+   or doesn't know the name is skipped (:func:`payflux.redis.discovery.primary_steps`, the
+   conversation the CLI's client has too);
 2. connect to the address it names (TLS for ``rediss+sentinel``);
 3. before the connection joins the pool, AUTH and ``ROLE``: anything but ``master`` (a replica
    not promoted yet, a demoted old primary) closes it, and the pool's backoff asks again.
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -44,52 +44,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from payflux.streams.connection import RedisTarget, tls_options
+from payflux.redis.discovery import NoPrimary, primary_steps
+from payflux.redis.replies import is_primary
+from payflux.redis.steps import run_deferred
+from payflux.redis.target import Address, PoolOptions, RedisTarget, primary_target, sentinel_node_target, tls_options
+from payflux.redis.txadapter import pooled_connections, sentinel_factory
 
 log = Logger()
-
-Address = tuple[str, int]
 
 
 class MasterNotFound(txredisapi.ConnectionError):
     """No sentinel named a primary for the master name."""
-
-
-def sentinel_node_target(target: RedisTarget, addr: Address) -> RedisTarget:
-    """How to talk to the sentinel at ``addr``: its own credentials, same TLS settings, no database."""
-    return RedisTarget(
-        scheme="rediss" if target.tls else "redis",
-        host=addr[0],
-        port=addr[1],
-        username=target.sentinel_username,
-        password=target.sentinel_password,
-        ca_file=target.ca_file,
-    )
-
-
-def primary_target(target: RedisTarget, addr: Address) -> RedisTarget:
-    """The single-node target of the primary at ``addr``: the URL's credentials, database and TLS."""
-    return attrs.evolve(
-        target, scheme="rediss" if target.tls else "redis", host=addr[0], port=addr[1], seeds=(),
-        master_name=None, sentinel_username=None, sentinel_password=None,
-    )
-
-
-def parse_master_reply(reply: Any) -> Address | None:
-    """``SENTINEL get-master-addr-by-name`` -> (host, port); None when the sentinel doesn't know the name."""
-    if not reply:
-        return None
-    host, port = reply[0], reply[1]
-    host = host.decode() if isinstance(host, bytes) else str(host)
-    return host, int(port)
-
-
-def is_primary(role_reply: Any) -> bool:
-    """True when a ``ROLE`` reply says ``master``."""
-    if not role_reply:
-        return False
-    role = role_reply[0]
-    return (role.decode() if isinstance(role, bytes) else str(role)) == "master"
 
 
 class SentinelResolver:
@@ -133,21 +98,15 @@ class SentinelResolver:
         return d
 
     async def _ask(self) -> Address:
-        problems = []
-        for addr in list(self._order):
-            try:
-                master = parse_master_reply(await self._query(addr))
-            except Exception as e:  # noqa: BLE001 - try the next sentinel
-                problems.append(f"{addr[0]}:{addr[1]}: {e}")
-                continue
-            if master is None:
-                problems.append(f"{addr[0]}:{addr[1]} does not monitor {self.target.master_name!r}")
-                continue
-            if self._order[0] != addr:  # ask the one that answered first next time
-                self._order.remove(addr)
-                self._order.insert(0, addr)
-            return master
-        raise MasterNotFound(f"no sentinel named a primary for {self.target.master_name!r}: {'; '.join(problems)}")
+        try:
+            addr, master = await run_deferred(primary_steps(list(self._order), self.target.master_name, False),
+                                              lambda _, sentinel: defer.ensureDeferred(self._query(sentinel)))
+        except NoPrimary as e:
+            raise MasterNotFound(f"no sentinel named a primary for {self.target.master_name!r}: {e}") from None
+        if self._order[0] != addr:  # ask the one that answered first next time
+            self._order.remove(addr)
+            self._order.insert(0, addr)
+        return master
 
     async def _query(self, addr: Address) -> Any:
         node = sentinel_node_target(self.target, addr)
@@ -202,7 +161,7 @@ class SentinelEndpoint:
         return endpoint.connect(protocolFactory).addCallback(tag)
 
     def _drop_other(self, addr: Address) -> None:
-        for conn in list(getattr(self.factory, "pool", ())):
+        for conn in pooled_connections(self.factory):
             if getattr(conn, "payflux_address", addr) != addr:
                 conn.transport.loseConnection()
 
@@ -265,67 +224,19 @@ class SentinelHandler(txredisapi.ConnectionHandler):
 
     def disconnect(self) -> defer.Deferred:
         """Close the pool, then wait for a sentinel round still in flight (bounded by its timeouts)."""
-        d = self._factory.disconnect()
+        d = super().disconnect()
         if self.endpoint is not None:
             resolver = self.endpoint.resolver
             d.addBoth(lambda result: resolver.idle().addCallback(lambda _: result))
         return d
 
 
-def connect_sentinel(
-    target: RedisTarget,
-    poolsize: int,
-    connect_timeout: float,
-    reply_timeout: float | None,
-    max_retry_delay: float = 2.0,
-    protocol: Any = None,
-    reactor: Any = None,
-) -> SentinelHandler:
+def connect_sentinel(target: RedisTarget, options: PoolOptions, reactor: Any = None) -> SentinelHandler:
     """A lazy pool to the primary the sentinels of ``target`` name (see the module docstring)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    factory = txredisapi.RedisFactory(
-        target.redacted(), target.db or None, poolsize, isLazy=True, handler=SentinelHandler,
-        password=target.password, replyTimeout=reply_timeout, convertNumbers=False, username=target.username,
-    )
-    from payflux.streams.connection import tune_factory  # connection imports this module
-
-    tune_factory(factory, target, max_retry_delay, primary_only(protocol))  # as every other pool
-    endpoint = SentinelEndpoint(target, SentinelResolver(target, connect_timeout), connect_timeout, reactor)
-    endpoint.factory = factory
-    factory.handler.endpoint = endpoint
-    factory.startConnecting(endpoint)
-    return factory.handler
-
-
-def sync_primary(target: RedisTarget, timeout: float = 5.0) -> Any:
-    """
-    The CLI's resolver: ask each sentinel (blocking) for the primary, connect a
-    :class:`payflux.streams.syncredis.SyncRedis` to it and check its ``ROLE``.
-    """
-    from payflux.streams.syncredis import RedisConnectionError, RedisReplyError, SyncRedis
-
-    problems = []
-    for addr in target.seeds:
-        try:
-            with SyncRedis.connect(sentinel_node_target(target, addr), timeout) as sentinel:
-                master = parse_master_reply(sentinel.command("SENTINEL", "get-master-addr-by-name", target.master_name))
-        except (RedisConnectionError, RedisReplyError) as e:
-            problems.append(f"{addr[0]}:{addr[1]}: {e}")
-            continue
-        if master is None:
-            problems.append(f"{addr[0]}:{addr[1]} does not monitor {target.master_name!r}")
-            continue
-        client = SyncRedis.connect(primary_target(target, master), timeout)
-        try:
-            role = client.command("ROLE")
-        except BaseException:
-            client.close()
-            raise
-        if is_primary(role):
-            return client
-        client.close()
-        problems.append(f"{addr[0]}:{addr[1]} names {master[0]}:{master[1]}, which is not a primary (failover running?)")
-    raise RedisConnectionError(f"no primary found through the sentinels of {target.redacted()}: {'; '.join(problems)}")
+    timeout = options.connect_timeout
+    endpoint = SentinelEndpoint(target, SentinelResolver(target, timeout), timeout, reactor)
+    return sentinel_factory(target, options, SentinelHandler, primary_only(options.protocol), endpoint)

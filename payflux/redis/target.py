@@ -11,21 +11,21 @@ Redis URLs and connection pools.
 - ``unix:///path/to.sock[?db=N&password=...&username=...]``
 - ``redis+cluster://[[user]:password@]host:port[,host:port...]`` a Redis Cluster: the listed
   members are seeds for ``CLUSTER SLOTS``, commands go to the master owning their key's slot
-  (payflux/streams/cluster.py); ``rediss+cluster://`` the same over TLS (``?ca_file=`` as above).
+  (payflux/redis/cluster.py); ``rediss+cluster://`` the same over TLS (``?ca_file=`` as above).
   No database number: a cluster has only database 0.
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master-name>[?db=N&sentinel_password=...
   &sentinel_username=...]`` a primary found through Redis Sentinel: the listed sentinels are asked
   ``SENTINEL get-master-addr-by-name <master-name>`` and PayFlux follows a failover to the new
-  primary (payflux/streams/sentinel.py).  user/password are the data nodes' credentials,
+  primary (payflux/redis/sentinel.py).  user/password are the data nodes' credentials,
   ``sentinel_password`` (and ``sentinel_username``) the sentinels' own.  Every sentinel needs an
   explicit port.  ``rediss+sentinel://`` speaks TLS to sentinels and primary (``?ca_file=``).
 
 User names and passwords may be percent-encoded. The password never appears
 in ``repr``/``str`` of a RedisTarget; log ``target.redacted()``.
 
-``connect`` builds a lazy, reconnecting txredisapi pool.  Note: while Redis is
-down, a txredisapi handler waits *forever* for a pooled connection; callers
-on a request path must bound their own operations (StreamWriter does).
+This is the bottom layer of :mod:`payflux.redis` (docs/architecture.md): no I/O, no
+txredisapi; every client (async pool, cluster, sentinel, the CLI's blocking one) starts from a
+``RedisTarget``.
 """
 
 from __future__ import annotations
@@ -34,12 +34,6 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import attrs
-import txredisapi
-from twisted.internet import defer, error as terror
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-
-_log = Logger()
 
 DEFAULT_PORT = 6379
 
@@ -104,6 +98,17 @@ class RedisTarget:
 
     def __str__(self) -> str:
         return self.redacted()
+
+
+@attrs.frozen
+class PoolOptions:
+    """How a pool connects (the "how" beside a target's "where"): the same for every topology."""
+
+    poolsize: int
+    connect_timeout: float
+    reply_timeout: float | None
+    max_retry_delay: float = 2.0  # reconnect backoff cap, seconds
+    protocol: Any = None  # a txredisapi protocol class; None = txredisapi's default
 
 
 def _hostport(host: str | None, port: int | None) -> str:
@@ -308,245 +313,31 @@ def tls_options(target: RedisTarget) -> Any:
     return ssl.optionsForClientTLS(target.host, trustRoot=trust_root)
 
 
-def connect(
-    target: RedisTarget,
-    poolsize: int,
-    connect_timeout: float,
-    reply_timeout: float | None,
-    max_retry_delay: float = 2.0,
-    protocol: Any = None,
-) -> Any:
-    """
-    A lazy txredisapi pool handler for ``target``, reconnecting forever; for a cluster target a
-    :class:`payflux.streams.cluster.ClusterClient` with one such pool per master; for a sentinel
-    target a pool whose every (re)connection asks the sentinels where the primary is
-    (:func:`payflux.streams.sentinel.connect_sentinel`).
 
-    ``convertNumbers`` is off: bulk replies are ``str`` (utf-8), never guessed
-    into ints (an all-digit event id stays a string).  Reconnect backoff is
-    capped at ``max_retry_delay`` seconds so the gateway is back soon after
-    Redis is.  Close with ``handler.disconnect()``.
-    """
-    if target.sentinel:
-        from payflux.streams.sentinel import connect_sentinel
 
-        return connect_sentinel(target, poolsize, connect_timeout, reply_timeout, max_retry_delay, protocol)
-    if target.cluster:
-        from payflux.streams.cluster import ClusterClient
+Address = tuple[str, int]
 
-        return ClusterClient(
-            target,
-            lambda node: connect(node, poolsize, connect_timeout, reply_timeout, max_retry_delay, protocol),
-            connect_timeout=connect_timeout,
-        )
-    common: dict[str, Any] = dict(
-        dbid=target.db or None,
-        poolsize=poolsize,
-        reconnect=True,
-        password=target.password,
-        username=target.username,
-        connectTimeout=connect_timeout,
-        replyTimeout=reply_timeout,
-        convertNumbers=False,
+
+def node_target(target: RedisTarget, addr: Address) -> RedisTarget:
+    """The single-node target for one cluster member: same credentials and TLS settings."""
+    return attrs.evolve(target, scheme="rediss" if target.tls else "redis", host=addr[0], port=addr[1], seeds=())
+
+
+def sentinel_node_target(target: RedisTarget, addr: Address) -> RedisTarget:
+    """How to talk to the sentinel at ``addr``: its own credentials, same TLS settings, no database."""
+    return RedisTarget(
+        scheme="rediss" if target.tls else "redis",
+        host=addr[0],
+        port=addr[1],
+        username=target.sentinel_username,
+        password=target.sentinel_password,
+        ca_file=target.ca_file,
     )
-    if target.scheme == "unix":
-        handler = txredisapi.lazyUnixConnectionPool(path=target.path, **common)
-    else:
-        handler = txredisapi.lazyConnectionPool(
-            host=target.host,
-            port=target.port,
-            ssl_context_factory=tls_options(target) if target.tls else False,
-            **common,
-        )
-    factory = getattr(handler, "_factory", None)
-    if factory is not None:
-        tune_factory(factory, target, max_retry_delay, protocol)
-    return handler
 
 
-def tune_factory(factory: Any, target: RedisTarget, max_retry_delay: float, protocol: Any = None) -> None:
-    """
-    What every PayFlux pool's txredisapi factory gets: a reconnect backoff capped at
-    ``max_retry_delay`` (RedisFactory's default grows to 10 s; a payment gateway wants to notice a
-    restarted Redis within a couple of seconds), ``protocol`` if given, and refusal reporting.
-    """
-    factory.maxDelay = max_retry_delay
-    factory.initialDelay = min(factory.initialDelay, max_retry_delay / 4)
-    if protocol is not None:
-        factory.protocol = protocol
-    _report_refusal(factory, target)
-
-
-def _report_refusal(factory: Any, target: RedisTarget) -> None:
-    """
-    When Redis refuses the pool's AUTH or SELECT (wrong password, unknown ACL user, bad db):
-    log it once, naming the redacted target, and fail every command waiting for a connection.
-
-    txredisapi then stops reconnecting for good, and commands issued before the refusal would
-    wait forever for a pooled connection (a sampler waiting so would hang the node's stop).  It
-    would also log the refusal once per pooled connection; ``isLazy`` only gates those log
-    lines and, with ``reconnect=True`` (always, here), nothing else.
-    """
-    refused = getattr(factory, "deferred", None)
-    if refused is None:
-        return
-    factory.isLazy = False
-
-    def on_refusal(failure: Any) -> None:
-        reason = failure.getErrorMessage().removeprefix("Redis error: ")
-        if reason.endswith("Lost connection"):
-            # not a refusal: Redis went away in the middle of AUTH/SELECT, and txredisapi
-            # stops reconnecting all the same
-            _log.error("Redis at {redis} closed the connection during AUTH/SELECT ({reason}); this pool "
-                       "no longer reconnects: restart PayFlux once Redis is back (until then 503)",
-                       redis=target.redacted(), reason=reason)
-        else:
-            _log.error(
-                "Redis at {redis} refused PayFlux: {reason}; fix the credentials (redis_url / "
-                "redis_password_file) and restart: until then ingest and /ready answer 503",
-                redis=target.redacted(), reason=reason,
-            )
-        queue = factory.connectionQueue
-        waiting, queue.waiting = list(queue.waiting), []
-        peekers, queue.peekers = list(getattr(queue, "peekers", [])), []
-        for d in waiting + peekers:
-            d.errback(txredisapi.ConnectionError(f"Redis refused PayFlux: {reason}"))
-
-    refused.addErrback(on_refusal)
-
-
-def _factories_of(handler: Any) -> list[Any]:
-    """The txredisapi factories behind a handler ``connect`` returned (one per master for a cluster)."""
-    factory = getattr(handler, "__dict__", {}).get("_factory")  # a ConnectionHandler's __getattr__ makes commands
-    if factory is not None:
-        return [factory]
-    nodes = getattr(handler, "__dict__", {}).get("_nodes") or {}
-    return [f for node in nodes.values() for f in _factories_of(node)]
-
-
-def fail_waiting_commands(factory: Any, reason: str) -> int:
-    """
-    Errback every command of ``factory`` that waits for a pooled connection (with
-    ``txredisapi.ConnectionError(reason)``); returns how many there were.  Such a command would
-    otherwise wait forever once the pool stops reconnecting.
-    """
-    queue = factory.connectionQueue
-    waiting, queue.waiting = list(queue.waiting), []
-    peekers, queue.peekers = list(getattr(queue, "peekers", [])), []
-    for d in waiting + peekers:
-        if not d.called:
-            d.errback(txredisapi.ConnectionError(reason))
-    return len(waiting) + len(peekers)
-
-
-def close_pool(handler: Any, timeout: float, reactor: Any = None, what: str = "Redis") -> defer.Deferred:
-    """
-    ``handler.disconnect()``, bounded: stop (re)connecting, fail the commands still waiting for a
-    connection, close the connections, and fire within ``timeout`` seconds whatever Redis does.
-
-    txredisapi's own ``disconnect()`` waits until every connection is closed, and a connection
-    to a paused Redis with unsent commands closes only once they are written, i.e. never; after
-    ``timeout`` such connections are aborted, logged, and this fires anyway.  Never errbacks.
-    """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
-    factories = _factories_of(handler)
-    closing = defer.maybeDeferred(handler.disconnect)
-    failed = sum(fail_waiting_commands(f, f"{what} is closed (stopping)") for f in factories)
-    if failed:
-        _log.info("closing {what}: failed {n} commands still waiting for a connection", what=what, n=failed)
-    done: defer.Deferred = defer.Deferred()
-
-    def finished(result: Any) -> None:
-        if isinstance(result, Failure):
-            _log.warn("closing {what} failed: {reason}", what=what, reason=result.getErrorMessage())
-        if timer.active():
-            timer.cancel()
-        if not done.called:
-            done.callback(None)
-
-    def give_up() -> None:
-        aborted = 0
-        for factory in factories:
-            transports = [getattr(c, "transport", None) for c in list(getattr(factory, "pool", ()))]
-            transports += [getattr(getattr(s, "protocol", None), "transport", None) for s in getattr(factory, "slots", ())]
-            for transport in {id(t): t for t in transports if t is not None}.values():
-                abort = getattr(transport, "abortConnection", None) or transport.loseConnection
-                abort()
-                aborted += 1
-        _log.warn("closing {what}: connections still open after {t:g}s (Redis not answering); aborted {n} "
-                  "of them and carried on", what=what, t=timeout, n=aborted)
-        if not done.called:
-            done.callback(None)
-
-    timer = reactor.callLater(max(timeout, 0.0), give_up)
-    closing.addBoth(finished)
-    return done
-
-
-def describe_connect_failure(failure: Any) -> str:
-    """A connection attempt's failure as a person reads it: "connection refused", "timed out"..."""
-    if failure.check(terror.ConnectionRefusedError):
-        return "connection refused"
-    if failure.check(terror.TimeoutError, terror.TCPTimedOutError):
-        return "connection attempt timed out"
-    if failure.check(terror.DNSLookupError):
-        return "host name not found"
-    if failure.check(terror.NoRouteError):
-        return "no route to host"
-    message = failure.getErrorMessage().strip().rstrip(".")
-    return message or failure.type.__name__
-
-
-class ConnectionWatch:
-    """
-    The outcome of a pool's connection attempts, for readable readiness answers: ``failure`` is
-    why the latest attempt failed ("connection refused", ...) or "connection lost,
-    reconnecting", None while connected or before the first attempt ended.  Watches the first pool slot (all slots dial the same address)
-    through ClientService's public ``whenConnected(failAfterFailures=1)``.
-    """
-
-    def __init__(self, factory: Any, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
-        self.failure: str | None = None
-        self.connected = False
-        slots = list(getattr(factory, "slots", ()))
-        if slots and hasattr(slots[0], "service"):
-            self._arm(slots[0])
-
-    @classmethod
-    def of(cls, handler: Any, reactor: Any = None) -> "ConnectionWatch | None":
-        """A watch of ``handler``'s pool; None for a cluster client (several pools)."""
-        nodes = getattr(handler, "__dict__", {}).get("_nodes")
-        factories = _factories_of(handler)
-        return cls(factories[0], reactor) if factories and nodes is None else None
-
-    def _arm(self, slot: Any) -> None:
-        d = slot.service.whenConnected(failAfterFailures=1)
-        d.addCallbacks(self._connected, self._failed, callbackArgs=(slot,), errbackArgs=(slot,))
-
-    def _connected(self, protocol: Any, slot: Any) -> None:
-        self.failure, self.connected = None, True
-        lost = getattr(protocol, "whenDisconnected", None)
-        if lost is not None:
-            lost().addBoth(lambda _: self._lost(slot))
-
-    def _lost(self, slot: Any) -> None:
-        self.connected = False
-        self.failure = "connection lost, reconnecting"
-        # called from inside ClientService's state change: look again once it is done
-        self.reactor.callLater(0, self._arm, slot)
-
-    def _failed(self, failure: Any, slot: Any) -> None:
-        self.connected = False
-        if failure.check(defer.CancelledError):
-            return None  # the slot stopped: nothing more to watch
-        self.failure = describe_connect_failure(failure)
-        self.reactor.callLater(0, self._arm, slot)
-        return None
+def primary_target(target: RedisTarget, addr: Address) -> RedisTarget:
+    """The single-node target of the primary at ``addr``: the URL's credentials, database and TLS."""
+    return attrs.evolve(
+        target, scheme="rediss" if target.tls else "redis", host=addr[0], port=addr[1], seeds=(),
+        master_name=None, sentinel_username=None, sentinel_password=None,
+    )

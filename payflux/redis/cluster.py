@@ -6,14 +6,9 @@ partition's stream, dedupe records and dead letters live in one hash slot and th
 the dead-letter script and every per-partition command run on one node.  A deployment with N
 partitions spreads them over the masters that own their N slots.
 
-Routing (shared by the daemon's :class:`ClusterClient` and the CLI's ``SyncCluster``):
+Routing by key (:mod:`payflux.redis.slots`: key slots, which key a command is routed by, keyless
+``PING``/``SCRIPT`` to every master) and:
 
-- :func:`key_slot` is Redis Cluster's CRC16 (XMODEM) of the key, or of its hash tag, mod 16384.
-- :func:`command_key` names the key a command is routed by: the first key of ``EVAL``/``EVALSHA``,
-  ``XGROUP``/``XINFO <sub> key``, the first stream after ``STREAMS`` of ``XREAD[GROUP]``, the
-  first argument of every other keyed command; ``None`` for keyless commands.  Keyless ``PING``
-  and ``SCRIPT`` go to *every* master (a script must be loaded on the node that runs it, and
-  readiness means every master answers); other keyless commands go to any master.
 - The slot table comes from ``CLUSTER SLOTS`` (asked of a known master, then of the seed
   addresses).  ``MOVED <slot> <addr>`` updates that slot at once, re-sends the command there and
   refreshes the whole table in the background; ``ASK <slot> <addr>`` (a slot being migrated)
@@ -32,149 +27,31 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Iterable, Sequence
 
-import attrs
 import txredisapi
-from twisted.internet import defer, error as terror
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from payflux.streams.connection import RedisTarget
-from payflux.streams.resp import accepts_encoded
+from payflux.redis.replies import is_connection_failure
+from payflux.redis.slots import Address, BROADCAST, SlotTable, command_key, command_name, key_slot, parse_redirect, parse_slots
+from payflux.redis.target import RedisTarget, node_target
+from payflux.redis.txadapter import accepts_encoded, wait_for_connection
 
 log = Logger()
 
-SLOTS = 16384
 DEFAULT_MAX_REDIRECTS = 16
 DEFAULT_TRYAGAIN_DELAY = 0.05
-
-Address = tuple[str, int]
-
-
-def _crc16_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-        table.append(crc & 0xFFFF)
-    return table
-
-
-_CRC16 = _crc16_table()
-
-
-def crc16(data: bytes) -> int:
-    """CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with."""
-    crc = 0
-    for b in data:
-        crc = ((crc << 8) & 0xFF00) ^ _CRC16[((crc >> 8) ^ b) & 0xFF]
-    return crc
-
-
-def key_slot(key: str | bytes) -> int:
-    """The hash slot of ``key``: of its hash tag (first ``{...}``, non-empty) if it has one."""
-    data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
-    start = data.find(b"{")
-    if start >= 0:
-        end = data.find(b"}", start + 1)
-        if end > start + 1:
-            data = data[start + 1:end]
-    return crc16(data) % SLOTS
-
-
-def _name(arg: Any) -> str:
-    return (arg.decode("ascii", "replace") if isinstance(arg, (bytes, bytearray)) else str(arg)).upper()
-
-
-# Keyless commands sent to every master; anything else keyless goes to one.
-BROADCAST = frozenset({"PING", "SCRIPT"})
-KEYLESS = frozenset({"PING", "SCRIPT", "INFO", "CLUSTER", "ASKING", "AUTH", "SELECT", "TIME", "DBSIZE",
-                     "CONFIG", "CLIENT", "COMMAND", "HELLO", "ECHO", "LASTSAVE", "ROLE", "WAIT"})
-
-
-def command_key(args: Sequence[Any]) -> Any:
-    """The key ``args`` is routed by, or None for a keyless command (see the module docstring)."""
-    name = _name(args[0])
-    if name in KEYLESS:
-        return None
-    if name in ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"):
-        return args[3] if len(args) > 3 and int(args[2]) > 0 else None
-    if name in ("XGROUP", "XINFO", "OBJECT", "MEMORY"):
-        return args[2] if len(args) > 2 else None
-    if name in ("XREAD", "XREADGROUP"):
-        for i, a in enumerate(args):
-            if _name(a) == "STREAMS" and i + 1 < len(args):
-                return args[i + 1]
-        return None
-    return args[1] if len(args) > 1 else None
-
-
-def parse_redirect(message: str) -> tuple[str, int, Address] | None:
-    """``("MOVED"|"ASK", slot, (host, port))`` from a redirection error reply, else None."""
-    parts = message.split()
-    if len(parts) != 3 or parts[0] not in ("MOVED", "ASK"):
-        return None
-    host, _, port = parts[2].rpartition(":")
-    if not host or not port.isdigit():
-        return None
-    return parts[0], int(parts[1]), (host.strip("[]"), int(port))
-
-
-def parse_slots(reply: Any, default_host: str) -> dict[int, Address]:
-    """
-    ``CLUSTER SLOTS`` -> {slot: master address} (each ``[start, end, master, replicas...]`` row
-    expanded).  An empty host (a node that doesn't know its own address) means the node we asked.
-    """
-    ranges: dict[int, Address] = {}
-    for row in reply or []:
-        start, end, master = int(row[0]), int(row[1]), row[2]
-        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-        addr = (host or default_host, int(master[1]))
-        for slot in range(start, end + 1):
-            ranges[slot] = addr
-    return ranges
-
-
-class SlotTable:
-    """slot -> master address, with the set of masters it names."""
-
-    def __init__(self) -> None:
-        self._owner: list[Address | None] = [None] * SLOTS
-
-    @property
-    def loaded(self) -> bool:
-        return any(a is not None for a in self._owner)
-
-    def load(self, owners: dict[int, Address]) -> None:
-        table: list[Address | None] = [None] * SLOTS
-        for slot, addr in owners.items():
-            table[slot] = addr
-        self._owner = table
-
-    def owner(self, slot: int) -> Address | None:
-        return self._owner[slot]
-
-    def move(self, slot: int, addr: Address) -> None:
-        self._owner[slot] = addr
-
-    def masters(self) -> list[Address]:
-        return sorted({a for a in self._owner if a is not None})
 
 
 class ClusterError(txredisapi.ResponseError):
     """Routing gave up (no slot owner known, too many redirections); the text starts with a Redis-like code."""
 
 
-def node_target(target: RedisTarget, addr: Address) -> RedisTarget:
-    """The single-node target for one cluster member: same credentials and TLS settings."""
-    return attrs.evolve(target, scheme="rediss" if target.tls else "redis", host=addr[0], port=addr[1], seeds=())
-
-
 class ClusterClient:
     """
     A txredisapi-like handler for a Redis Cluster: ``execute_command(*args) -> Deferred`` routed
     by key (module docstring), ``disconnect()``.  ``connect_node(target)`` builds the lazy,
-    reconnecting txredisapi pool of one member (``payflux.streams.connection.connect`` with this
+    reconnecting txredisapi pool of one member (``payflux.redis.connect.connect`` with this
     client's pool size and timeouts); a pool per master, created on first use.
     """
 
@@ -320,9 +197,9 @@ class ClusterClient:
                 else:
                     raise
                 last = message
-            except (txredisapi.ConnectionError, terror.ConnectError, terror.ConnectionLost, terror.ConnectionDone,
-                    txredisapi.TimeoutError, defer.TimeoutError):
-                self._refresh_soon()
+            except Exception as e:
+                if is_connection_failure(e):
+                    self._refresh_soon()
                 raise
         raise ClusterError(f"TRYAGAIN slot {slot}: still redirected after {self.max_redirects} tries ({last})")
 
@@ -332,27 +209,8 @@ class ClusterClient:
         txredisapi would wait forever for a member that is down, and every caller (an append,
         a consumer's read, a shutdown waiting for either) must hear "down" instead.
         """
-        pool = self.node(addr)
-        factory = getattr(pool, "_factory", None)
-        if factory is None:  # already a single connection
-            return pool
-        waiting = factory.getConnection(peek=True)
-        if waiting.called:
-            return await waiting
-        result: defer.Deferred = defer.Deferred()
-        waiting.addBoth(lambda r: None if result.called else result.callback(r))
-        timer = self.reactor.callLater(self.connect_timeout, lambda: result.called or result.errback(
-            txredisapi.ConnectionError(f"redis cluster member {addr[0]}:{addr[1]} is not reachable")))
-        self._waits.add(result)
-        try:
-            outcome = await result
-        finally:
-            self._waits.discard(result)
-            if timer.active():
-                timer.cancel()
-        if isinstance(outcome, Failure):
-            outcome.raiseException()
-        return outcome
+        return await wait_for_connection(self.node(addr), self.connect_timeout, self.reactor, self._waits,
+                                         f"redis cluster member {addr[0]}:{addr[1]} is not reachable")
 
     async def _asking(self, conn: Any, args: Sequence[Any]) -> Any:
         # ASKING only lasts for the next command on the same connection: send both on one.
@@ -365,7 +223,7 @@ class ClusterClient:
         if not self.slots.loaded:
             await self.refresh()
         masters = self.slots.masters()
-        if _name(args[0]) not in BROADCAST:
+        if command_name(args[0]) not in BROADCAST:
             return await (await self._connection(random.choice(masters))).execute_command(*args)
 
         async def one(addr: Address) -> Any:
