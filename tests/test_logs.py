@@ -111,6 +111,22 @@ class NodeObserverTests(SynchronousTestCase):
                                              "in 1 seconds.")
         self.assertEqual((summary["repeated"], summary["summary_of"], summary["level"]), (100, "connect retry", "info"))
 
+    def test_script_reloads_after_a_redis_restart_are_summarised(self):
+        from payflux.redis.scripts import LOAD_LINE
+
+        clock = Clock()
+        out = io.StringIO()
+        observe = build_observer("json", out, "info", interval=10, clock=clock)
+        for _ in range(8):  # every pooled connection's first append after the restart
+            observe(_event(LOAD_LINE, name="append", sha="abc", namespace="payflux.redis.scripts"))
+        clock.advance(10)
+        observe(_event(LOAD_LINE, name="append", sha="abc", namespace="payflux.redis.scripts"))
+        docs = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([d["message"] for d in docs], ["loading the append script abc into redis",
+                                                        "8 more like this in the last 10s: loading the append "
+                                                        "script abc into redis"])
+        self.assertEqual(docs[1]["summary_of"], "script reload")
+
     def test_json_observer_factory_takes_the_configured_level(self):
         self.addCleanup(logs.configure, level="info")
         logs.configure(level="error")

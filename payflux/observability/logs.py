@@ -15,8 +15,8 @@ event payloads or secrets, only ids, counts, reasons and key ids.
 Below ``debug``: Twisted's "Starting factory"/"Stopping factory" lines (one per connection
 attempt), "reactor class" and "(TCP Port N Closed)".  Summarised like PayFlux's own repeated
 lines: ClientService's "Scheduling retry" (every pooled Redis connection, every attempt),
-txredisapi's "Discarding dead connection.", the writer's "redis unavailable" and "loading append
-script" lines.
+txredisapi's "Discarding dead connection.", the writer's "redis unavailable" and the script
+reloads after a Redis restart (:data:`payflux.redis.scripts.LOAD_LINE`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from twisted.logger import (FilteringLogObserver, ILogFilterPredicate, ILogObser
 from zope.interface import implementer, provider
 
 from payflux.observability import logsummary
+from payflux.redis import scripts
 
 _SKIP = {"log_logger", "log_source", "log_format", "log_level", "log_namespace", "log_time", "log_failure",
          "log_io", "log_text", "log_system", "log_flattened", "log_trace", "log_legacy", "message", "format",
@@ -96,11 +97,10 @@ def repeated_kind(event: dict) -> str | None:
         return "connect retry"
     if fmt == "{log_text}" and event.get("log_text") == "Discarding dead connection.":  # txredisapi
         return "dead connection"
-    if event.get("log_namespace") == "payflux.streams.writer":
-        if fmt.startswith("redis unavailable,"):
-            return "redis unavailable"
-        if fmt.startswith("loading append script"):  # once per connection after a Redis restart
-            return "loading append script"
+    if event.get("log_namespace") == "payflux.streams.writer" and fmt.startswith("redis unavailable,"):
+        return "redis unavailable"
+    if fmt == scripts.LOAD_LINE:  # once per connection and script after a Redis restart
+        return "script reload"
     return None
 
 

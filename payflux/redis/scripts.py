@@ -27,6 +27,10 @@ log = Logger()
 
 _SEND = ()  # the step "send this call's EVALSHA" (an empty command)
 
+#: The line logged when a script is loaded after NOSCRIPT (once per connection after a Redis
+#: restart: the node's log observer summarises it, payflux.observability.logs.repeated_kind).
+LOAD_LINE = "loading the {name} script {sha} into redis"
+
 
 @attrs.frozen
 class Script:
@@ -48,7 +52,7 @@ def script_steps(script: Script) -> Steps:
     except Exception as e:  # noqa: BLE001 - only NOSCRIPT is ours to handle
         if not is_noscript(e):
             raise
-    log.info("loading the {name} script {sha} into redis", name=script.name, sha=script.sha)
+    log.info(LOAD_LINE, name=script.name, sha=script.sha)
     sha = yield ("SCRIPT", "LOAD", script.source)
     if str(sha) != script.sha:
         raise RuntimeError(f"redis returned script sha {sha} for {script.name}, expected {script.sha}")
