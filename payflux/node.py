@@ -47,6 +47,7 @@ from payflux.consumers.reclaim import ReclaimService
 from payflux.consumers.service import ConsumerService, default_consumer_name, open_read_connection
 from payflux.consumers.stats import GroupStatsSampler
 from payflux.consumers.trim import TrimService
+from payflux.deadlines import settled_within
 from payflux.events import EventValidator, ValidationPolicy
 from payflux.exporters import file as file_exporter
 from payflux.exporters.metrics import bind_exporter_metrics
@@ -182,26 +183,17 @@ class Node(MultiService):
 
     def _stop_child(self, service, limit: float, clock) -> Deferred:
         """Stop ``service``; fires once it stopped or ``limit`` seconds passed (then logged), never errbacks."""
-        done = Deferred()
-
-        def give_up() -> None:
-            log.warn("stopping: gave up waiting for {service} after {limit:.1f}s, abandoning {what}; "
-                     "carrying on with the stop", service=_service_name(service), limit=limit,
-                     what=_ABANDONED.get(type(service).__name__, "its stop"))
-            done.callback(None)
-
-        def finished(result) -> None:
-            if isinstance(result, Failure):
-                log.failure("error stopping {service}", result, service=_service_name(service))
-            if timer.active():
-                timer.cancel()
-                done.callback(None)
-
-        timer = clock.callLater(limit, give_up)
         stop_within = getattr(service, "stop_within", None)
         stopping = maybeDeferred(stop_within, limit) if stop_within is not None else maybeDeferred(service.stopService)
-        stopping.addBoth(finished)
-        return done
+        stopping.addErrback(lambda f: log.failure("error stopping {service}", f, service=_service_name(service)))
+
+        def settled(in_time: bool) -> None:
+            if not in_time:
+                log.warn("stopping: gave up waiting for {service} after {limit:.1f}s, abandoning {what}; "
+                         "carrying on with the stop", service=_service_name(service), limit=limit,
+                         what=_ABANDONED.get(type(service).__name__, "its stop"))
+
+        return settled_within(stopping, limit, clock).addCallback(settled)
 
 
 class RedisPool(Service):

@@ -55,6 +55,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from payflux.config import Settings
+from payflux.deadlines import settled_within
 from payflux.goenv import log_go_env
 from payflux.ingest.side import WorkersSideApp
 from payflux.node import Node, RedisPool, _listener, add_background, add_redis
@@ -282,13 +283,9 @@ class WorkerPool(Service):
             wait = max(seconds - REAP_LIMIT, 0.0)
             log.info("waiting up to {wait:.1f}s for {n} workers to drain", wait=wait, n=len(running))
             timer = self.reactor.callLater(wait, self._kill, running)
-            ended: Deferred = Deferred()
-            DeferredList([p.ended for p in running]).addCallback(lambda _: ended.called or ended.callback(None))
-            reaped = self.reactor.callLater(max(seconds - 0.1, wait), lambda: ended.called or ended.callback(None))
-            yield ended
-            for call in (timer, reaped):
-                if call.active():
-                    call.cancel()
+            yield settled_within(DeferredList([p.ended for p in running]), max(seconds - 0.1, wait), self.reactor)
+            if timer.active():
+                timer.cancel()
         yield self._http.closeCachedConnections()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from payflux.consumers.config import ConsumerConfig
 from payflux.consumers.handlers import BatchOutcome, close_handler, run_handler, start_handler
+from payflux.deadlines import settled_within
 from payflux.observability.metrics import ConsumerMetrics
 from payflux.redis.connect import connect
 from payflux.redis.txadapter import close_pool, decoding_protocol
@@ -221,27 +222,15 @@ class ConsumerService(Service):
             log.info("consumer {consumer} stopping: waiting up to {grace:.1f}s for {count} batches",
                      consumer=self.config.name, grace=grace, count=len(pending))
             # wait without cancelling: a handler past the grace period keeps running, unacked
-            waiting: defer.Deferred = defer.Deferred()
-            timer = self.reactor.callLater(grace, lambda: waiting.called or waiting.callback(False))
-            defer.DeferredList(pending, consumeErrors=True).addCallback(
-                lambda _: waiting.called or waiting.callback(True))
-            if not await waiting:
+            if not await settled_within(defer.DeferredList(pending, consumeErrors=True), grace, self.reactor):
                 log.warn("consumer {consumer}: {count} batches still with the handler after {grace:.1f}s; "
                          "left pending for reclaim", consumer=self.config.name, count=len(self._in_flight),
                          grace=grace)
-            if timer.active():
-                timer.cancel()
         self._acks_allowed = False
         limit = HANDLER_CLOSE_LIMIT if deadline is None else max(deadline - self.reactor.seconds() - 0.1, CLOSE_LIMIT)
-        closing = close_handler(self.handler)
-        closed: defer.Deferred = defer.Deferred()
-        closing.addBoth(lambda _: closed.called or closed.callback(True))
-        timer = self.reactor.callLater(limit, lambda: closed.called or closed.callback(False))
-        if not await closed:
+        if not await settled_within(close_handler(self.handler), limit, self.reactor):
             log.warn("consumer {consumer}: the handler's close() did not finish within {limit:.1f}s; "
                      "abandoned it and carried on with the stop", consumer=self.config.name, limit=limit)
-        if timer.active():
-            timer.cancel()
 
     # -- the read loop -------------------------------------------------------------------------
 
