@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable, Sequence
 import txredisapi
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from payflux.redis.replies import is_connection_failure
 from payflux.redis.slots import Address, BROADCAST, SlotTable, command_key, command_name, key_slot, parse_redirect, parse_slots
+from payflux.redis.steps import SharedRound
 from payflux.redis.target import RedisTarget, node_target
 from payflux.redis.txadapter import accepts_encoded, wait_for_connection
 
@@ -81,7 +81,7 @@ class ClusterClient:
         self.slots = SlotTable()
         self._connect_node = connect_node
         self._nodes: dict[Address, Any] = {}
-        self._refresh_waiters: list[defer.Deferred] = []
+        self._refresh_round = SharedRound(lambda: defer.ensureDeferred(self._refresh()))
         self._closed = False
         self._waits: set[defer.Deferred] = set()  # callers waiting for a member's connection
         self.redirects = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0}  # followed so far (tests, logs)
@@ -99,19 +99,7 @@ class ClusterClient:
 
     def refresh(self) -> defer.Deferred:
         """Reload the slot table; concurrent callers share one CLUSTER SLOTS round."""
-        d: defer.Deferred = defer.Deferred()
-        self._refresh_waiters.append(d)
-        if len(self._refresh_waiters) == 1:
-            defer.ensureDeferred(self._refresh()).addBoth(self._refreshed)
-        return d
-
-    def _refreshed(self, result: Any) -> None:
-        waiters, self._refresh_waiters = self._refresh_waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(None)
+        return self._refresh_round.join()
 
     async def _refresh(self) -> None:
         candidates = list(dict.fromkeys([*self.slots.masters(), *self.target.seeds]))

@@ -41,12 +41,11 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from payflux.redis.discovery import NoPrimary, primary_steps
 from payflux.redis.replies import is_primary
-from payflux.redis.steps import run_deferred
+from payflux.redis.steps import SharedRound, run_deferred
 from payflux.redis.target import Address, PoolOptions, RedisTarget, primary_target, sentinel_node_target, tls_options
 from payflux.redis.txadapter import pooled_connections, sentinel_factory
 
@@ -69,33 +68,14 @@ class SentinelResolver:
         self.target = target
         self.timeout = timeout
         self._order: list[Address] = list(target.seeds)
-        self._waiters: list[defer.Deferred] = []
-        self._idle: list[defer.Deferred] = []
+        self._round = SharedRound(lambda: defer.ensureDeferred(self._ask()))
 
     def master_address(self) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append(d)
-        if len(self._waiters) == 1:
-            defer.ensureDeferred(self._ask()).addBoth(self._answered)
-        return d
-
-    def _answered(self, result: Any) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if d.called:  # cancelled: the pool stopped this connection attempt
-                continue
-            d.errback(result) if isinstance(result, Failure) else d.callback(result)
-        idle, self._idle = self._idle, []
-        for d in idle:
-            d.callback(None)
+        return self._round.join()
 
     def idle(self) -> defer.Deferred:
         """Fires once no round is in flight (so closing the pool leaves no sentinel connection open)."""
-        if not self._waiters:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._idle.append(d)
-        return d
+        return self._round.idle()
 
     async def _ask(self) -> Address:
         try:

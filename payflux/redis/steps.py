@@ -7,6 +7,10 @@ with a blocking ``command(*args)`` (the CLI's :mod:`payflux.redis.sync` client),
 :func:`run_deferred` with an ``execute_command(*args) -> Deferred`` (the daemon's pool), so one
 implementation serves both: the stream/group facts of :mod:`payflux.consumers.inspect` and the
 NOSCRIPT reload of :mod:`payflux.redis.scripts` are written this way.
+
+:class:`SharedRound` is the other shape both async clients share: one round trip in flight at a
+time (the cluster's ``CLUSTER SLOTS`` refresh, the sentinel pool's asking of the sentinels),
+whose result every caller that asked meanwhile gets.
 """
 
 from __future__ import annotations
@@ -47,3 +51,41 @@ def run_sync(steps: Steps, command: Callable[..., Any]) -> Any:
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]
+
+
+class SharedRound:
+    """
+    ``start()`` (returning a Deferred) run once for all who :meth:`join` while it runs: the first
+    caller starts a round, later ones wait for it, each gets its result (or failure).  A caller's
+    Deferred that was cancelled meanwhile is skipped.  :meth:`idle` fires once no round runs.
+    """
+
+    def __init__(self, start: Callable[[], defer.Deferred]) -> None:
+        self._start = start
+        self._waiters: list[defer.Deferred] = []
+        self._idle: list[defer.Deferred] = []
+
+    def join(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        if len(self._waiters) == 1:
+            self._start().addBoth(self._done)
+        return d
+
+    def _done(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if d.called:  # cancelled by its caller
+                continue
+            d.errback(result) if isinstance(result, Failure) else d.callback(result)
+        idle, self._idle = self._idle, []
+        for d in idle:
+            d.callback(None)
+
+    def idle(self) -> defer.Deferred:
+        """Fires once no round is in flight (at once if none is)."""
+        if not self._waiters:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle.append(d)
+        return d
