@@ -163,10 +163,16 @@ def _cluster_nodes(redis: Any, streams: list[str]) -> dict[str, str]:
     return {s: f"{a[0]}:{a[1]}" if a else "unserved" for s, a in owners.items()}
 
 
-def _stream(argv: Sequence[str]) -> int:
+def _partition_facts(redis: Any, keys: Any, partitions: int) -> list:
+    """Every partition's facts (stream, groups, DLQ), read now through the CLI's client."""
     from payflux.consumers.inspect import partition_steps
     from payflux.redis.steps import run_sync
 
+    now = time.time()
+    return [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
+
+
+def _stream(argv: Sequence[str]) -> int:
     parser = _redis_parser("payflux stream", "Show streams, consumer groups and dead letters.")
     parser.add_argument("action", choices=["info"])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -175,8 +181,7 @@ def _stream(argv: Sequence[str]) -> int:
     warning = settings.group_idle_warning
     redis, keys, partitions = _connect(args, settings)
     with redis:
-        now = time.time()
-        facts = [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
+        facts = _partition_facts(redis, keys, partitions)
         nodes = _cluster_nodes(redis, [f.stream for f in facts])
     if args.json:
         out = []
@@ -236,7 +241,7 @@ def _group_rows(facts: list, warning: float) -> list[dict[str, Any]]:
     return rows
 
 
-def _group_list(args: argparse.Namespace, facts: list, warning: float, settings: Any) -> int:
+def _group_list(args: argparse.Namespace, facts: list, warning: float) -> int:
     rows = _group_rows(facts, warning)
     if args.json:
         print(json.dumps({"group_idle_warning": warning, "groups": rows}, indent=2))
@@ -294,9 +299,6 @@ def _group_delete(args: argparse.Namespace, facts: list, redis: Any, settings: A
 
 
 def _group(argv: Sequence[str]) -> int:
-    from payflux.consumers.inspect import partition_steps
-    from payflux.redis.steps import run_sync
-
     parser = _redis_parser("payflux group", "List consumer groups (lag, pending, consumers, last read; stale "
                                             "ones flagged) or delete one.")
     parser.add_argument("action", choices=["list", "delete"])
@@ -312,10 +314,9 @@ def _group(argv: Sequence[str]) -> int:
     settings = _settings(args)
     redis, keys, partitions = _connect(args, settings)
     with redis:
-        now = time.time()
-        facts = [run_sync(partition_steps(keys, p, now), redis.command) for p in range(partitions)]
+        facts = _partition_facts(redis, keys, partitions)
         if args.action == "list":
-            return _group_list(args, facts, settings.group_idle_warning, settings)
+            return _group_list(args, facts, settings.group_idle_warning)
         return _group_delete(args, facts, redis, settings)
 
 
@@ -436,13 +437,7 @@ def version() -> str:
 
 
 def help_text() -> str:
-    lines = []
-    for name in COMMANDS:
-        summary = SUMMARIES.get(name)
-        if summary is None:  # a command without a line here: its function's docstring
-            doc = (COMMANDS[name].__doc__ or "").strip().splitlines()
-            summary = [(name, doc[0] if doc else "")]
-        lines.extend(summary)
+    lines = [line for name in COMMANDS for line in SUMMARIES[name]]
     width = max(len(n) for n, _ in lines)
     return "\n".join([
         "usage: payflux COMMAND [options]    (payflux COMMAND --help: its options)",
