@@ -13,7 +13,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD, NodeProcesses, clean_env, http_request
+from tests.support.process import TWISTD, NodeProcesses, clean_env, http_request, wait_ready
 from tests.support.redis import free_port, sync_command_at
 
 SECRET = "daemon-test-secret-0123456789"
@@ -34,17 +34,9 @@ class DaemonTests(NodeProcesses, SynchronousTestCase):
         self.addCleanup(log.close)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env)
         self.procs.append(proc)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            self.assertIsNone(proc.poll(), self.log_text(len(self.procs) - 1))
-            try:
-                status, _ = http_request(f"http://127.0.0.1:{self.port}/ready")
-                if status == 200:
-                    return proc
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.fail("node did not become ready:\n" + self.log_text(len(self.procs) - 1))
+        index = len(self.procs) - 1
+        wait_ready(self, proc, f"http://127.0.0.1:{self.port}/ready", lambda: self.log_text(index))
+        return proc
 
     def run_until_exit(self, port: int) -> subprocess.CompletedProcess:
         """Run a node expected to refuse to start; returns its completed process."""

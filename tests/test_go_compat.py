@@ -19,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.process import TWISTD, clean_env, http_request, reap_supervisor
+from tests.support.process import TWISTD, clean_env, http_request, reap_supervisor, wait_ready
 from tests.support.redis import RedisProcess, find_redis_binaries, free_port, sync_command_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,17 +91,8 @@ class GoCompatTests(SynchronousTestCase):
 
     def wait_ready(self, proc: subprocess.Popen, port: int, name: str) -> str:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            self.assertIsNone(proc.poll(), self.log(name))
-            try:
-                with urllib.request.urlopen(base + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return base
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.fail(f"{name} did not become ready:\n{self.log(name)}")
+        wait_ready(self, proc, base + "/ready", lambda: self.log(name), timeout=30, what=name)
+        return base
 
     def quick_start_node(self) -> tuple[str, str]:
         """The node ``make run`` starts: embedded Redis, insecure dev mode. (base url, redis socket)"""

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import reactor
@@ -25,7 +24,7 @@ from payflux.config import ConfigError, _endpoint, load_settings
 from payflux.goenv import GO_ONLY, MAPPED, GoEnvError, key_id_for, log_go_env
 from payflux.ingest.auth import Authenticator
 from payflux.ingest.errors import ApiError
-from tests.support.process import TWISTD, clean_env, http_request
+from tests.support.process import TWISTD, clean_env, http_request, wait_ready
 from tests.support.redis import RedisProcess, find_redis_binaries, free_port, sync_command_at
 
 SECRET = "go-style-secret-0123456789abcdef"
@@ -91,6 +90,7 @@ class RedisTests(SynchronousTestCase):
 
     def test_password_or_tls_alone_mean_the_go_default_address(self):
         s = settings({"REDIS_PASSWORD": "hunter2hunter2", "PAYFLUX_API_KEY": SECRET})
+        # the Go PayFlux's default address, translated and parsed only: nothing connects to it
         self.assertEqual(urlsplit(s.redis_url).hostname, "localhost")
         self.assertEqual(urlsplit(s.redis_url).port, 6379)
         self.assertTrue(settings({"REDIS_TLS": "true", "PAYFLUX_API_KEY": SECRET}).redis_url.startswith("rediss://"))
@@ -465,16 +465,8 @@ class GoEnvironmentDaemonTests(SynchronousTestCase):
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            self.assertIsNone(proc.poll(), self.log_text())
-            try:
-                if http_request(base + "/ready")[0] == 200:
-                    return base
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.fail("node did not become ready:\n" + self.log_text())
+        wait_ready(self, proc, base + "/ready", self.log_text, timeout=30)
+        return base
 
     def log_text(self) -> str:
         with open(self.log_path, "rb") as f:

@@ -16,7 +16,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.support.process import PAYFLUX, NodeProcesses, clean_env, http_request
+from tests.support.process import PAYFLUX, NodeProcesses, clean_env, http_request, wait_ready
 from tests.support.redis import RedisProcess, find_redis_binaries
 
 SECRET = "serve-test-secret-0123456789"
@@ -38,16 +38,8 @@ class ServeTests(NodeProcesses, SynchronousTestCase):
         self.addCleanup(log.close)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=clean_env())
         self.procs.append(proc)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            self.assertIsNone(proc.poll(), self.log_text())
-            try:
-                if http_request(self.base + "/ready", timeout=1)[0] == 200:
-                    return proc
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.fail("node did not become ready:\n" + self.log_text())
+        wait_ready(self, proc, self.base + "/ready", self.log_text)
+        return proc
 
     def log_text(self) -> str:
         with open(self.log_path, "rb") as f:

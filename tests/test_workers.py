@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from twisted.trial.unittest import SynchronousTestCase
 
 from payflux.ingest.ratelimit import SHARED_BUCKET
-from tests.support.process import TWISTD, clean_env, reap_supervisor, worker_pids
+from tests.support.process import TWISTD, clean_env, reap_supervisor, wait_ready, worker_pids
 from tests.support.redis import free_port, sync_command_at
 
 SECRET = "workers-test-secret-0123456789"
@@ -81,17 +81,8 @@ class WorkersTests(SynchronousTestCase):
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.assertIsNone(self.proc.poll(), self.log_text())
-            try:
-                status, body, _ = _request(f"http://127.0.0.1:{self.side_port}/ready")
-                if status == 200:
-                    return json.loads(body)
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.fail("supervisor did not become ready:\n" + self.log_text())
+        return json.loads(wait_ready(self, self.proc, f"http://127.0.0.1:{self.side_port}/ready", self.log_text,
+                                     timeout=timeout, what="supervisor"))
 
     def post(self, event: dict):
         status, body, worker = _request(

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -35,6 +36,25 @@ def http_request(url: str, body: bytes | None = None, headers: dict | None = Non
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def wait_ready(testcase, proc: subprocess.Popen, url: str, log_text, timeout: float = 20.0,
+               what: str = "node") -> bytes:
+    """
+    GET ``url`` (a ``/ready``) until it answers 200 while ``proc`` runs, and return that body;
+    fail ``testcase`` with ``log_text()`` if ``proc`` exits first or ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        testcase.assertIsNone(proc.poll(), log_text())
+        try:
+            status, body = http_request(url, timeout=2)
+            if status == 200:
+                return body
+        except OSError:
+            pass
+        time.sleep(0.05)
+    testcase.fail(f"{what} did not become ready:\n{log_text()}")
 
 
 def kill_embedded_redis(data_dir: str) -> None:
