@@ -256,7 +256,9 @@ class ClusterMixin:
             f'options = {{ key = "{key}", fail_types = ["payment_disputed"] }}',
         ]) + "\n"
         node = await start_node(self, self.cluster.url, config_text=config, partitions=PARTITIONS)
-        self.assertEqual((await node.get("/ready", side=True)).code, 200)  # the node's pool knows the slots
+        # the node's pool learns the slots and reaches every master: /ready turns 200 (it answers
+        # 503 "no answer since PayFlux started" until then, within 50 ms: poll it as a probe would)
+        await wait_for_deferred(lambda: node.get("/ready", side=True), lambda r: r.code == 200)
         events = [sample_event(n) for n in range(60)]
         bad = sample_event(99, event_type="payment_disputed")
         moved_partition = partition_for(events[0]["merchant_id_hash"], PARTITIONS)

@@ -96,6 +96,7 @@ class PartitionTests(unittest.TestCase):
 
 class ParseRedisUrlTests(unittest.TestCase):
     def test_plain(self):
+        # the URL grammar's default port, parsed only: no test connects to 6379 (tests/support/redis.py)
         self.assertEqual(parse_redis_url("redis://localhost"), RedisTarget("redis", "localhost", 6379))
 
     def test_full(self):
