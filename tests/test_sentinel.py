@@ -20,7 +20,7 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults, succeed
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
@@ -355,6 +355,85 @@ class ReplicaAckTests(unittest.TestCase):
         _, (result, _) = await self._writer_commands(1, "ERR WAIT cannot be used with replica instances")
         self.assertIsInstance(result, RedisUnavailable)
         self.assertIn("redis refused WAIT: ERR WAIT cannot be used", str(result))
+
+
+class ConfirmedPrimaryTests(unittest.TestCase):
+    """Only a connection that answered ROLE master moves the pool's primary (a stale sentinel answer does not)."""
+
+    def endpoint(self):
+        from payflux.redis.sentinel import SentinelEndpoint, SentinelResolver
+
+        target = parse_redis_url("redis+sentinel://127.0.0.1:26379/mymaster")
+        endpoint = SentinelEndpoint(target, SentinelResolver(target, 1.0), 1.0, reactor=None)
+
+        class Transport:
+            closed = False
+
+            def loseConnection(self):
+                self.closed = True
+
+        class Conn:
+            def __init__(self, addr):
+                self.payflux_address, self.transport = addr, Transport()
+
+        class Factory:
+            pool = [Conn(("10.0.0.1", 6379)), Conn(("10.0.0.2", 6379))]
+
+        endpoint.factory = Factory()
+        return endpoint, Factory.pool
+
+    def test_confirming_a_new_primary_drops_the_connections_elsewhere(self):
+        endpoint, (old, new) = self.endpoint()
+        endpoint.confirmed(("10.0.0.1", 6379))
+        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.1", 6379), 0))
+        self.assertEqual((old.transport.closed, new.transport.closed), (False, True))
+        new.transport.closed = False
+        endpoint.confirmed(("10.0.0.2", 6379))  # the failover: a connection to the new one answered master
+        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.2", 6379), 1))
+        self.assertEqual((old.transport.closed, new.transport.closed), (True, False))
+        endpoint.confirmed(("10.0.0.2", 6379))  # more connections to it: nothing changes
+        self.assertEqual(endpoint.switches, 1)
+
+    def test_a_connection_refused_by_role_changes_nothing(self):
+        from twisted.logger import formatEvent
+
+        from payflux.redis.sentinel import primary_only
+
+        endpoint, (old, new) = self.endpoint()
+        endpoint.confirmed(("10.0.0.2", 6379))
+        new.transport.closed = old.transport.closed = False
+
+        class Peer:
+            host, port = "10.0.0.1", 6379  # what a sentinel still naming the old primary sent us to
+
+        class Handler:
+            pass
+
+        Handler.endpoint = endpoint
+
+        class Transport:
+            lost = False
+
+            def getPeer(self):
+                return Peer()
+
+            def loseConnection(self):
+                self.lost = True
+
+        protocol = primary_only(None).__new__(primary_only(None))
+        protocol.transport, protocol.password = Transport(), None
+        protocol.factory = type("F", (), {"handler": Handler})()
+        protocol.execute_command = lambda *args: succeed(["slave", "10.0.0.2", 6379, "connected", 100])
+        events: list = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        protocol.connectionMade()
+        self.assertTrue(protocol.transport.lost)
+        self.assertIn("10.0.0.1:6379 is not a primary", " ".join(formatEvent(e) for e in events))
+        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.2", 6379), 0))
+        self.assertFalse(new.transport.closed)
 
 
 class SentinelUrlTests(unittest.TestCase):

@@ -23,8 +23,9 @@ it -- through step 1 again -- with PayFlux's capped backoff (``max_retry_delay``
 - a reply timeout (txredisapi aborts the connection);
 - a ``READONLY`` error reply (a demoted primary that still has our connection): the reply goes to
   its caller (the append path answers 503) and then the connection is closed;
-- when one connection finds a new primary address, the pool's connections to the old one are
-  closed at once instead of each waiting for its own error.
+- when a connection to a new address is confirmed primary (ROLE), the pool's connections to the
+  old one are closed at once instead of each waiting for its own error (a sentinel that names
+  the old primary for a moment after a failover changes nothing: ROLE refuses it).
 
 Nothing is retried here: a command whose connection failed may have run, so its caller gets the
 error, exactly as with a single Redis (the append path answers 503; a retry with the same
@@ -120,25 +121,29 @@ class SentinelEndpoint:
         return d
 
     def _connect(self, addr: Address, protocolFactory: Any) -> defer.Deferred:
-        if addr != self.current:
-            if self.current is not None:
-                self.switches += 1
-                log.warn("redis sentinel: primary of {name} moved from {old} to {new}", name=self.target.master_name,
-                         old=f"{self.current[0]}:{self.current[1]}", new=f"{addr[0]}:{addr[1]}")
-                self._drop_other(addr)
-            else:
-                log.info("redis sentinel: primary of {name} is {new}", name=self.target.master_name,
-                         new=f"{addr[0]}:{addr[1]}")
-            self.current = addr
         endpoint: Any = HostnameEndpoint(self.reactor, addr[0], addr[1], timeout=self.connect_timeout)
         if self.target.tls:
             endpoint = wrapClientTLS(tls_options(primary_target(self.target, addr)), endpoint)
+        return endpoint.connect(protocolFactory)
 
-        def tag(protocol: Any) -> Any:
-            protocol.payflux_address = addr
-            return protocol
-
-        return endpoint.connect(protocolFactory).addCallback(tag)
+    def confirmed(self, addr: Address) -> None:
+        """
+        A connection to ``addr`` answered ROLE ``master``: it is the primary now.  Only then
+        does ``current`` change and are the pool's connections elsewhere closed, so a sentinel
+        still naming the old primary for a moment (its answer refused by ROLE) neither moves
+        ``current`` back nor drops the connections to the real one.
+        """
+        if addr == self.current:
+            return
+        if self.current is not None:
+            self.switches += 1
+            log.warn("redis sentinel: primary of {name} moved from {old} to {new}", name=self.target.master_name,
+                     old=f"{self.current[0]}:{self.current[1]}", new=f"{addr[0]}:{addr[1]}")
+        else:
+            log.info("redis sentinel: primary of {name} is {new}", name=self.target.master_name,
+                     new=f"{addr[0]}:{addr[1]}")
+        self.current = addr
+        self._drop_other(addr)
 
     def _drop_other(self, addr: Address) -> None:
         for conn in pooled_connections(self.factory):
@@ -156,7 +161,11 @@ class _PrimaryOnly:
 
     @defer.inlineCallbacks
     def connectionMade(self) -> Any:
-        where = "%s:%s" % (self.payflux_address or ("?", "?"))
+        # where this connection went: the peer (the factory's protocols are handed to the pool
+        # through ClientService's proxies, so nothing set on them from outside reaches them)
+        peer = self.transport.getPeer()
+        self.payflux_address = (getattr(peer, "host", "?"), getattr(peer, "port", 0))
+        where = "%s:%s" % self.payflux_address
         try:
             if self.password is not None:
                 yield self.auth(self.password, self.username)
@@ -170,6 +179,9 @@ class _PrimaryOnly:
                      where=where, role=role[0] if role else None)
             self.transport.loseConnection()
             return None
+        endpoint = getattr(getattr(getattr(self, "factory", None), "handler", None), "endpoint", None)
+        if endpoint is not None:
+            endpoint.confirmed(self.payflux_address)
         yield super().connectionMade()
 
     def replyReceived(self, reply: Any) -> None:
@@ -200,6 +212,7 @@ class SentinelHandler(txredisapi.ConnectionHandler):
 
     @property
     def primary(self) -> Address | None:
+        """The primary the pool's connections last confirmed (ROLE master), as connected to (host, port)."""
         return self.endpoint.current if self.endpoint is not None else None
 
     def disconnect(self) -> defer.Deferred:
