@@ -54,6 +54,7 @@ from payflux.exporters.metrics import bind_exporter_metrics
 from payflux.goenv import log_go_env
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.auth import Authenticator
+from payflux.ingest.fastpath import FastIngestFactory
 from payflux.ingest.http import BoundedRequest, IngestSite
 from payflux.ingest.ratelimit import RateLimiter
 from payflux.ingest.side import SideApp
@@ -769,11 +770,15 @@ def build_node(
     if "ingest" in settings.roles or ingest_fd is not None:
         site = IngestSite(app.resource(), app.body_limit, app.preflight, app.on_early_reject,
                           header_timeout=settings.header_timeout)
-        if ingest_fd is None:
-            node.ingest_listener = _listener(reactor, settings.listen, site)
-        else:
+        if ingest_fd is not None:
             site.requestFactory = type("WorkerRequest", (_TaggedRequest,), {"worker_tag": (worker_tag or "").encode()})
-            node.ingest_listener = AdoptedListener(reactor, ingest_fd, ingest_family, site)
+        factory = FastIngestFactory(app, site, reactor, header_timeout=settings.header_timeout,
+                                    worker_tag=worker_tag if ingest_fd is not None else None,
+                                    on_fallback=lambda reason: metrics.http_fallbacks.labels(reason).inc())
+        if ingest_fd is None:
+            node.ingest_listener = _listener(reactor, settings.listen, factory)
+        else:
+            node.ingest_listener = AdoptedListener(reactor, ingest_fd, ingest_family, factory)
         node.ingest_listener.setServiceParent(node)
         DrainGuard(app, settings.shutdown_grace, reactor).setServiceParent(node)
 

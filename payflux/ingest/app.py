@@ -62,8 +62,9 @@ def json_response(request: Request, status: int, doc: object) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
-def _media_type(request: Request) -> str:
-    raw = request.getHeader(b"content-type") or b""
+def _media_type(content_type: bytes | None) -> str:
+    """A Content-Type's media type, lowercased, without parameters ("" when absent)."""
+    raw = content_type or b""
     return raw.split(b";", 1)[0].strip().lower().decode("latin-1")
 
 
@@ -110,8 +111,7 @@ class IngestApp:
 
     def preflight(self, request: Request) -> str | None:
         """
-        The checks that need only the head, in the documented order: 503 draining, 401 auth
-        (400 ``duplicate_authorization`` for two Authorization headers), 429 rate.  Returns
+        The checks that need only the head (:meth:`admit`) for a twisted.web request.  Returns
         the caller's key id; None for a request that takes no key (anything but a POST to an
         ingest path).  IngestSite runs it as soon as a head is in, before any body byte, and
         keeps the key id on the request (``payflux_key_id``): asked again, it returns that.
@@ -121,23 +121,34 @@ class IngestApp:
             return key_id
         if request.method != b"POST" or (request.path != SINGLE_PATH and request.path != BATCH_PATH):
             return None
+        return self.admit(request.requestHeaders.getRawHeaders(b"authorization"), request.args)
+
+    def admit(self, authorization: list[bytes] | None, query_args: dict | None) -> str:
+        """
+        The checks that need only the head of an ingest POST, in the documented order: 503
+        draining, 401 auth (400 ``duplicate_authorization`` for two Authorization headers), 429
+        rate.  ``authorization``: every Authorization header value (None: none); returns the
+        caller's key id, or raises the ApiError to answer before any body byte.
+        """
         if self.draining:
             raise unavailable("draining", "node is shutting down; retry on another node", 1)
-        authorization = request.requestHeaders.getRawHeaders(b"authorization")
         if authorization is not None and len(authorization) > 1:
             raise ApiError(400, "duplicate_authorization", "more than one Authorization header; send exactly one")
-        key_id = self.authenticator.authenticate(authorization[0] if authorization else None, request.args)
+        key_id = self.authenticator.authenticate(authorization[0] if authorization else None, query_args)
         self.limiter.check(key_id)
         return key_id
 
     def on_early_reject(self, request: Request | None, error: ApiError) -> None:
+        """IngestSite's hook: see :meth:`count_early_answer`."""
+        self.count_early_answer(getattr(request, "path", None), error)
+
+    def count_early_answer(self, path: bytes | None, error: ApiError) -> None:
         """
-        Count an answer IngestSite gave before the app saw the request (preflight's errors at
-        the end of the head, 413, 400 framing, 408/414/431); on an ingest path it is also
+        Count an answer the HTTP layer gave before the app saw the request (preflight's errors
+        at the end of the head, 413, 400 framing, 408/414/431); on an ingest path it is also
         observed in the request histogram, as it was when the app gave it.
         """
         self._count_rejection(error, "-", 0)
-        path = getattr(request, "path", None)
         if path == SINGLE_PATH or path == BATCH_PATH:
             self._observe("batch" if path == BATCH_PATH else "single", error.status, self.seconds())
 
@@ -218,15 +229,30 @@ class IngestApp:
     # --- the ingest path ---
 
     def _ingest(self, request: Request, batch: bool):
+        key_id = self.preflight(request)  # ran at the end of the head (IngestSite): its key id
+        d = self.ingest(batch, key_id, _media_type(request.getHeader(b"content-type")), request.content.read())
+
+        def accepted(body: bytes) -> bytes:
+            request.setResponseCode(202)
+            request.setHeader(b"Content-Type", b"application/json")
+            return body
+
+        return d.addCallback(accepted)
+
+    def ingest(self, batch: bool, key_id: str, media: str, body: bytes) -> Deferred:
+        """
+        The body checks of an admitted ingest request (:meth:`admit` ran at the end of its head)
+        and the append: raises the ApiError of a 415/400/422 at once; else a Deferred firing
+        with the 202 body once Redis holds the events, or failing with the 409/503 ApiError.
+        ``media`` is the Content-Type's media type, lowercased, without parameters.
+        """
         started = self.seconds()
         endpoint = "batch" if batch else "single"
-        key_id = "-"
         events = 0
         try:
             if self.draining:
                 raise unavailable("draining", "node is shutting down; retry on another node", 1)
-            key_id = self.preflight(request)
-            raw = self._decode(request, batch)
+            raw = self._decode(media, body, batch)
             events = len(raw)
             self.limiter.spend(key_id, events)
             prepared, ignored = self._validate(raw, batch)
@@ -234,11 +260,9 @@ class IngestApp:
             self._count_rejection(error, key_id, events)
             self._observe(endpoint, error.status, started)
             raise
-        return ensureDeferred(self._append(request, key_id, prepared, ignored, batch, endpoint, started))
+        return ensureDeferred(self._append(key_id, prepared, ignored, batch, endpoint, started))
 
-    def _decode(self, request: Request, batch: bool) -> list:
-        media = _media_type(request)
-        body = request.content.read()
+    def _decode(self, media: str, body: bytes, batch: bool) -> list:
         if batch:
             if media in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
                 kind = "ndjson"
@@ -282,7 +306,7 @@ class IngestApp:
             for e, m, t, c, f in rows
         ], ignored
 
-    async def _append(self, request, key_id, prepared, ignored, batch, endpoint, started) -> bytes:
+    async def _append(self, key_id, prepared, ignored, batch, endpoint, started) -> bytes:
         count = len(prepared)
         if self.inflight_events + count > self.limits.max_inflight_events:
             error = unavailable("overloaded", "too many events in flight to Redis; retry shortly", 1)
@@ -346,7 +370,7 @@ class IngestApp:
             doc = {"status": "accepted", "id": results[0].stream_id, "duplicate": results[0].duplicate}
         if ignored:
             doc["ignored_fields"] = sorted(set(ignored))
-        return json_response(request, 202, doc)
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
     def _count_rejection(self, error: ApiError, key_id: str, events: int) -> None:
         self.metrics.requests_rejected.labels(error.code, key_id).inc()

@@ -66,6 +66,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.http_fallbacks = Counter(
+            "payflux_http_fallbacks_total",
+            "Ingest connections handed from the fast path to the full HTTP stack, by why "
+            "(route: not an ingest POST; refused: 401/429/503 at the end of the head; framing, "
+            "too_large, head, head_size, expect, header_timeout: see docs/security.md).",
+            ["reason"],
+            registry=r,
+        )
         self.inflight_requests = Gauge(
             "payflux_inflight_requests", "Ingest requests waiting for Redis.", registry=r
         )
