@@ -20,8 +20,9 @@ from typing import Callable
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -99,6 +100,9 @@ class IngestApp:
         self.inflight_events = 0
         self.inflight_requests = 0
         self._idle: list[Deferred] = []
+        # label children looked up once (prometheus-client's labels() takes a lock per call)
+        self._latency_histograms: dict = {}
+        self._accepted_counters: dict = {}
 
     # --- plumbing used by the Site (early answers, see http.py) ---
 
@@ -260,7 +264,7 @@ class IngestApp:
             self._count_rejection(error, key_id, events)
             self._observe(endpoint, error.status, started)
             raise
-        return ensureDeferred(self._append(key_id, prepared, ignored, batch, endpoint, started))
+        return self._append(key_id, prepared, ignored, batch, endpoint, started)
 
     def _decode(self, media: str, body: bytes, batch: bool) -> list:
         if batch:
@@ -306,7 +310,7 @@ class IngestApp:
             for e, m, t, c, f in rows
         ], ignored
 
-    async def _append(self, key_id, prepared, ignored, batch, endpoint, started) -> bytes:
+    def _append(self, key_id, prepared, ignored, batch, endpoint, started) -> Deferred:
         count = len(prepared)
         if self.inflight_events + count > self.limits.max_inflight_events:
             error = unavailable("overloaded", "too many events in flight to Redis; retry shortly", 1)
@@ -318,46 +322,58 @@ class IngestApp:
         self.metrics.inflight_events.set(self.inflight_events)
         self.metrics.inflight_requests.set(self.inflight_requests)
         append_started = self.seconds()
-        try:
-            results = await self.writer.append(prepared, int(self.seconds() * 1000))
-        except IdempotencyConflict as e:
-            error = ApiError(
-                409,
-                "conflict",
-                "event_id already used for a different payload",
-                details=[{"field": "event_id", "code": "conflict", "event_id": i} for i in e.event_ids],
-            )
+        d = self.writer.append(prepared, int(append_started * 1000))
+        return d.addBoth(self._appended, key_id, count, ignored, batch, endpoint, started, append_started)
+
+    def _appended(self, results, key_id, count, ignored, batch, endpoint, started, append_started) -> bytes:
+        """The writer's answer to :meth:`_append`: the 202 body, or the 409/503 ApiError raised."""
+        self.metrics.append_latency.observe(self.seconds() - append_started)
+        self.inflight_events -= count
+        self.inflight_requests -= 1
+        self.metrics.inflight_events.set(self.inflight_events)
+        self.metrics.inflight_requests.set(self.inflight_requests)
+        if self.inflight_requests == 0 and self._idle:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+        if isinstance(results, Failure):
+            e = results.value
+            if isinstance(e, IdempotencyConflict):
+                error = ApiError(
+                    409,
+                    "conflict",
+                    "event_id already used for a different payload",
+                    details=[{"field": "event_id", "code": "conflict", "event_id": i} for i in e.event_ids],
+                )
+            elif isinstance(e, RedisUnavailable):
+                repeated("append failed", log).warn("append failed, answering 503: {reason}", reason=str(e), key_id=key_id)
+                error = unavailable(
+                    getattr(e, "code", "redis_unavailable"),  # ReplicasNotAcked: written, not yet on replicas
+                    getattr(e, "client_message", "event store unavailable; nothing was written"),
+                    max(1, math.ceil(self.limits.redis_timeout)),
+                )
+            else:
+                return results
             self._count_rejection(error, key_id, count)
-            self._observe(endpoint, 409, started)
-            raise error from None
-        except RedisUnavailable as e:
-            repeated("append failed", log).warn("append failed, answering 503: {reason}", reason=str(e), key_id=key_id)
-            error = unavailable(
-                getattr(e, "code", "redis_unavailable"),  # ReplicasNotAcked: written, not yet on replicas
-                getattr(e, "client_message", "event store unavailable; nothing was written"),
-                max(1, math.ceil(self.limits.redis_timeout)),
-            )
-            self._count_rejection(error, key_id, count)
-            self._observe(endpoint, 503, started)
-            raise error from None
-        finally:
-            self.metrics.append_latency.observe(self.seconds() - append_started)
-            self.inflight_events -= count
-            self.inflight_requests -= 1
-            self.metrics.inflight_events.set(self.inflight_events)
-            self.metrics.inflight_requests.set(self.inflight_requests)
-            if self.inflight_requests == 0 and self._idle:
-                idle, self._idle = self._idle, []
-                for d in idle:
-                    d.callback(None)
+            self._observe(endpoint, error.status, started)
+            raise error
 
         duplicates = sum(1 for r in results if r.duplicate)
-        self.metrics.events_accepted.labels(key_id).inc(count - duplicates)
+        accepted = self._accepted_counters.get(key_id)
+        if accepted is None:
+            accepted = self._accepted_counters[key_id] = self.metrics.events_accepted.labels(key_id)
+        if count - duplicates:
+            accepted.inc(count - duplicates)
         if duplicates:
             self.metrics.events_duplicate.labels(key_id).inc(duplicates)
         self._observe(endpoint, 202, started)
         if ignored:
             self.metrics.count_ignored(ignored)
+        if not batch and not ignored:
+            r = results[0]
+            # what json.dumps gives for {"status", "id", "duplicate"}: a stream id is digits and a dash
+            return b'{"status":"accepted","id":"%s","duplicate":%s}' % (
+                r.stream_id.encode("ascii"), b"true" if r.duplicate else b"false")
         if batch:
             doc = {
                 "status": "accepted",
@@ -378,7 +394,11 @@ class IngestApp:
             self.metrics.events_rejected.labels(error.code, key_id).inc(events)
 
     def _observe(self, endpoint: str, status: int, started: float) -> None:
-        self.metrics.request_latency.labels(endpoint, str(status)).observe(self.seconds() - started)
+        histogram = self._latency_histograms.get((endpoint, status))
+        if histogram is None:
+            histogram = self.metrics.request_latency.labels(endpoint, str(status))
+            self._latency_histograms[(endpoint, status)] = histogram
+        histogram.observe(self.seconds() - started)
 
 
 async def not_ready(request: Request, draining: bool, ping: Callable[[], Deferred]) -> bytes | None:
