@@ -2,7 +2,8 @@
 """One-command benchmark behind PROOF-load-test.md.
 
     python bench/run.py [--duration 20] [--connections 64] [--batch-connections 8]
-                        [--workers 1] [--only payflux,fastapi,webdis,redis-benchmark]
+                        [--workers 1] [--only payflux,go-seed,fastapi,webdis,redis-benchmark]
+                        [--single-script auto|own|seed] [--sweep-connections 16,64,256]
 
 What it does, in order:
 
@@ -14,12 +15,46 @@ What it does, in order:
    start it, wait for ``GET /ready``, run contract smoke checks (202, duplicate, 401, 422,
    409), warm up with wrk, then run ``wrk`` single-event (``--connections``) and
    ``wrk`` batch-of-``--batch-size`` NDJSON (``--batch-connections``), recording req/s,
-   events/s, p50/p99, non-2xx counts, the XLEN growth of the target's stream and the CPU
-   used by the target, redis-server and wrk; then capture ``XLEN``/``XINFO STREAM`` and
-   stop the target.
+   events/s, p50/p99, non-2xx counts, the XLEN growth of the target's stream (and its
+   ``entries-added`` growth, which a trimmed stream still counts) next to the events the
+   2xx answers acknowledged, and the CPU used by the target, redis-server and wrk; then
+   capture ``XLEN``/``XINFO STREAM`` and stop the target.
 3. ``redis-benchmark`` rows: raw pipelined XADD (tiny and event-sized payloads) and the
    peer's dedupe+XADD Lua script via EVALSHA -- ceilings, not peers.
-4. Prints a markdown table and writes every raw output to ``bench/results/<timestamp>/``.
+4. Prints a markdown table and writes every raw output to ``bench/results/<timestamp>/``
+   (``report.json`` holds every row; with a sweep also ``sweep.png``, see below).
+
+The Go seed (target ``go-seed``): when ``../shared/peers/run-payflux-go.sh`` exists
+(relative to the repository root; ``--go-peer`` names another path) the Go PayFlux the
+seed describes is a peer. It is started as ``REDIS_PORT=<p> HTTP_PORT=<p>
+PAYFLUX_API_KEY=<random> run-payflux-go.sh`` with its stdout (two lines per event) sent to
+/dev/null and its stderr to ``go-seed-server.log``; readiness is ``GET /health``; it writes
+stream ``events_stream`` (SETNX dedupe, XADD, XTRIM MAXLEN ~200000) and runs its own
+consumer group in the same process, so its CPU column includes its consumer. It has no
+batch endpoint (single-event phase only), needs UUID event_ids and answers 202 with an
+empty body, duplicates included; its smoke checks are the seed-contract ones below. Beyond
+64 concurrent connections it closes or resets the extra ones without an answer (seen
+2026-12-03: -c64 clean, -c65 thousands of wrk read errors); the non-2xx column counts
+those socket errors. When the script is missing, the ``go-seed`` row says so and the run
+goes on.
+
+Single-event wrk script (``--single-script``): ``own`` is ``bench/wrk/single.lua`` (19
+fields, PayFlux's id format); ``seed`` is the Go seed's ``../shared/peers/seed_single.lua``
+(the seed's 15 fields, a UUID per request), run unchanged through ``bench/wrk/seed.lua``,
+which adds the status counting and BENCH_JSON line of ``common.lua``. ``auto`` (default)
+is ``seed`` when the go-seed target is selected and present, so PayFlux, FastAPI and the
+Go seed get the same requests, else ``own``. The Go seed always gets ``seed``; webdis
+always gets ``webdis.lua``. Rows sent by seed_single.lua are labelled ``single/seed``, and
+every target they go to first passes seed-contract smoke checks (a seed event -> 202,
+the same again -> 202, a wrong key -> 401). seed_single.lua's ids are only unique per wrk
+thread with ``--threads 1`` (each thread state sees ``tid`` 0 and the same random seed).
+
+Connection sweep (``--sweep-connections 16,64,256``): the single-event phase of every
+HTTP target runs once per count (instead of once at ``--connections``; the warm-up still
+uses ``--connections``), the batch phase as before. The table then has one single-event
+row per count, and ``sweep.png`` plots events/s and p99 against connections for each
+target; ``python bench/plot.py bench/results/<ts>/report.json`` redraws it (matplotlib,
+bench/requirements.txt).
 
 Every wait below is bounded in both iterations and time; load only targets 127.0.0.1.
 """
@@ -53,7 +88,10 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 WRK_DIR = BENCH / "wrk"
 HOST = "127.0.0.1"
-TARGETS = ("payflux", "fastapi", "webdis", "redis-benchmark")
+TARGETS = ("payflux", "go-seed", "fastapi", "webdis", "redis-benchmark")
+PEERS = REPO.parent / "shared" / "peers"  # the Go seed and its wrk script, when present
+GO_PEER = PEERS / "run-payflux-go.sh"
+SEED_SCRIPT = PEERS / "seed_single.lua"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -215,6 +253,8 @@ class Row:
     p99_us: float | None = None
     non2xx: int | None = None
     xlen_delta: int | None = None
+    added_delta: int | None = None  # XINFO STREAM entries-added growth (counts trimmed ones)
+    acked: int | None = None  # events in 2xx answers (new and duplicate)
     accepted: int | None = None
     cpu: dict = field(default_factory=dict)
     note: str = ""
@@ -237,6 +277,9 @@ class HttpTarget:
     contract: bool = True
     wrk_single: str = "single.lua"
     ready_path: str = "/ready"
+    stdout_log: bool = True  # False: stdout to /dev/null, only stderr to the server log
+    shown_env: tuple = ()  # env variables the command file shows in front of the command
+    seed_smoke: bool = False  # run the seed-contract checks (seed_smoke) before loading
     proc: subprocess.Popen | None = None
     log: io.TextIOBase | None = None
 
@@ -245,7 +288,8 @@ class HttpTarget:
         return f"http://{HOST}:{self.port}"
 
     def start(self, outdir: Path, secret: str = "") -> None:
-        shown = " ".join(self.cmd)
+        shown = " ".join([f"{k}={self.env[k]}" for k in self.shown_env] + self.cmd
+                         + ([] if self.stdout_log else [">/dev/null"]))
         if secret:
             shown = shown.replace(secret, "<secret>")
         (outdir / f"{self.name}-command.txt").write_text(shown + "\n")
@@ -253,8 +297,10 @@ class HttpTarget:
             if arg.endswith("webdis.json"):
                 shutil.copy(arg, outdir / "webdis.json")
         self.log = open(outdir / f"{self.name}-server.log", "w")
-        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.cwd, env=self.env,
+            stdout=self.log if self.stdout_log else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if self.stdout_log else self.log, start_new_session=True)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -342,6 +388,48 @@ def smoke(target: HttpTarget, secret: str) -> list[dict]:
     return out
 
 
+def seed_event(event_id: str) -> dict:
+    """The 15-field event seed_single.lua sends (the Go seed's contract), with its id."""
+    return {
+        "event_type": "payment_failed", "event_timestamp": "2026-01-06T00:00:00Z",
+        "event_id": event_id, "merchant_id_hash": "m_00001_hash",
+        "payment_intent_id_hash": "pi_000000001_hash", "processor": "stripe",
+        "failure_category": "card_declined", "retry_count": 1, "geo_bucket": "US",
+        "amount_bucket": "50-200", "system_source": "checkout_api",
+        "payment_method_bucket": "credit_card", "channel": "web", "retry_result": "failed",
+        "failure_origin": "processor",
+    }
+
+
+def seed_smoke(target: HttpTarget, secret: str) -> list[dict]:
+    """The seed-contract checks every target seed_single.lua is sent to must pass: a seed
+    event (UUID id) is accepted, the same again is a 202 duplicate, a wrong key is 401."""
+    import uuid
+    url = target.base + "/v1/events/payment_exhaust"
+    auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    ev = json.dumps(seed_event(str(uuid.uuid4()))).encode()
+    checks = [
+        ("seed event (seed_single.lua's fields)", 202, lambda: http("POST", url, ev, auth)),
+        ("seed event again (duplicate)", 202, lambda: http("POST", url, ev, auth)),
+        ("seed event, wrong key", 401,
+         lambda: http("POST", url, ev, {**auth, "Authorization": "Bearer x"})),
+    ]
+    out = []
+    for name, want, fn in checks:
+        status, body = fn()
+        out.append({"check": name, "want": want, "got": status, "ok": status == want,
+                    "body": body[:300].decode("utf-8", "replace")})
+    return out
+
+
+def stream_added(rs: RedisServer, key: str) -> int | None:
+    """XINFO STREAM entries-added (Redis >= 7): every XADD ever, trimmed entries too."""
+    try:
+        return int(rs.client.xinfo_stream(key)["entries-added"])
+    except (redis.ResponseError, KeyError, TypeError, ValueError):
+        return None
+
+
 # ----------------------------------------------------------------------------- wrk
 
 
@@ -368,30 +456,46 @@ def run_wrk(script: str, url: str, threads: int, connections: int, duration: int
     return result
 
 
+def single_label(target: HttpTarget) -> str:
+    """The table's mode for a target's single-event rows: which wrk script sent them."""
+    return "single/seed" if target.wrk_single == "seed.lua" else "single"
+
+
 def http_phase(target: HttpTarget, mode: str, args, rs: RedisServer, wrk_env: dict,
-               outdir: Path) -> Row:
+               outdir: Path, conns: int | None = None) -> Row:
+    """One measured wrk run. ``conns`` overrides the mode's connection count (the sweep);
+    its files are then named ``<target>-<mode>-c<conns>``."""
     script = target.wrk_single if mode == "single" else "batch.lua"
-    conns = args.connections if mode == "single" else args.batch_connections
+    slug = mode if conns is None else f"{mode}-c{conns}"
+    if conns is None:
+        conns = args.connections if mode == "single" else args.batch_connections
     env = {**wrk_env, "BENCH_NONCE": f"{mode[0]}{int(time.time() * 1000) % 10**9}"}
     idle_busy = wait_quiet(args.quiet_wait) if args.quiet_wait else None
     xlen0 = rs.client.xlen(target.stream)
+    added0 = stream_added(rs, target.stream)
+    if added0 is None and xlen0 == 0:
+        added0 = 0  # no stream yet
     r0, t0, s0 = rs.cpu_seconds(), tree_cpu(target.proc.pid), system_busy()
     res = run_wrk(script, target.base, args.threads, conns, args.duration, env,
-                  outdir / f"{target.name}-{mode}-wrk.txt")
+                  outdir / f"{target.name}-{slug}-wrk.txt")
     r1, t1, s1 = rs.cpu_seconds(), tree_cpu(target.proc.pid), system_busy()
     time.sleep(0.5)  # let in-flight appends at the cut-off land before XLEN
     xlen1 = rs.client.xlen(target.stream)
+    added1 = stream_added(rs, target.stream)
     secs = res["duration_us"] / 1e6
     status = {int(k): v for k, v in res["status_counts"].items()}
     ok = sum(v for k, v in status.items() if 200 <= k < 300)
     wall = res["wrk_wall_s"]
     row = Row(
-        target=target.name, mode=mode if mode == "single" else f"batch×{args.batch_size}",
+        target=target.name,
+        mode=single_label(target) if mode == "single" else f"batch×{args.batch_size}",
         connections=conns, rps=ok / secs, eps=ok * res["events_per_request"] / secs,
         p50_us=res["lat_p50_us"], p99_us=res["lat_p99_us"],
         non2xx=res["non2xx"] + res["err_timeout"] + res["err_connect"] + res["err_read"]
         + res["err_write"],
-        xlen_delta=xlen1 - xlen0, accepted=res["accepted_events"],
+        xlen_delta=xlen1 - xlen0,
+        added_delta=None if added0 is None or added1 is None else added1 - added0,
+        acked=ok * res["events_per_request"], accepted=res["accepted_events"],
         cpu={"target": (t1 - t0) / wall, "redis": (r1 - r0) / wall,
              "wrk": res["wrk_cpu_s"] / wall,
              "other": max(0.0, (s1 - s0) - (t1 - t0) - (r1 - r0) - res["wrk_cpu_s"]) / wall,
@@ -400,10 +504,18 @@ def http_phase(target: HttpTarget, mode: str, args, rs: RedisServer, wrk_env: di
     )
     socket_errors = {k: res[k] for k in ("err_connect", "err_read", "err_write", "err_timeout")
                      if res[k]}
+    notes = []
     if socket_errors:
-        row.note = "socket errors: " + ", ".join(f"{k[4:]}={v}" for k, v in socket_errors.items())
-    (outdir / f"{target.name}-{mode}.json").write_text(json.dumps(
-        {**res, "xlen_before": xlen0, "xlen_after": xlen1, "cpu_share": row.cpu}, indent=2))
+        notes.append("socket errors: " + ", ".join(f"{k[4:]}={v}"
+                                                   for k, v in socket_errors.items()))
+    if row.added_delta is not None and row.added_delta != row.xlen_delta:
+        notes.append(f"stream trimmed: entries-added Δ {row.added_delta:,}")
+    if script == "seed.lua" and args.threads > 1:
+        notes.append("seed_single.lua repeats ids across wrk threads")
+    row.note = "; ".join(notes)
+    (outdir / f"{target.name}-{slug}.json").write_text(json.dumps(
+        {**res, "xlen_before": xlen0, "xlen_after": xlen1, "entries_added_before": added0,
+         "entries_added_after": added1, "cpu_share": row.cpu}, indent=2))
     return row
 
 
@@ -411,8 +523,11 @@ def capture_stream(rs: RedisServer, key: str, name: str, outdir: Path) -> str:
     xlen = rs.client.xlen(key)
     info = sh([find_redis_binary("redis-cli"), "-h", HOST, "-p", str(rs.port),
                "XINFO", "STREAM", key])
+    groups = sh([find_redis_binary("redis-cli"), "-h", HOST, "-p", str(rs.port),
+                 "XINFO", "GROUPS", key])  # a consumer in the target (the Go seed's) lags?
     mem = rs.client.info("memory")
     text = (f"$ redis-cli XLEN {key}\n{xlen}\n\n$ redis-cli XINFO STREAM {key}\n{info}\n\n"
+            f"$ redis-cli XINFO GROUPS {key}\n{groups}\n\n"
             f"used_memory_human: {mem.get('used_memory_human')}  "
             f"dbsize: {rs.client.dbsize()}\n")
     (outdir / f"{name}-stream.txt").write_text(text)
@@ -425,7 +540,10 @@ def run_http_target(target: HttpTarget, args, rs: RedisServer, secret: str,
     rows: list[Row] = []
     wrk_env = {**os.environ, "BENCH_API_KEY": secret,
                "BENCH_BATCH_SIZE": str(args.batch_size),
-               "BENCH_EVENT_TIMESTAMP": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+               "BENCH_EVENT_TIMESTAMP": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               # seed.lua -> seed_single.lua: its key and path variables
+               "BENCH_SEED_SCRIPT": str(args.seed_script), "PAYFLUX_KEY": secret,
+               "WRK_PATH": "/v1/events/payment_exhaust"}
     print(f"== {target.name}: starting", flush=True)
     target.start(outdir, secret)
     try:
@@ -439,17 +557,32 @@ def run_http_target(target: HttpTarget, args, rs: RedisServer, secret: str,
                       f"{c['body'][:120]}", flush=True)
             if checks[0]["got"] != 202:
                 raise RuntimeError("a valid event was not accepted; not benchmarking")
+        if target.seed_smoke:
+            checks = seed_smoke(target, secret)
+            report.setdefault("seed_smoke", {})[target.name] = checks
+            for c in checks:
+                print(f"   seed smoke {'ok' if c['ok'] else 'FAILED'}: {c['check']}: "
+                      f"want {c['want']} got {c['got']}"
+                      + ("" if c["ok"] else f" {c['body'][:120]}"), flush=True)
+            if checks[0]["got"] != 202:
+                raise RuntimeError("a seed_single.lua event was not accepted; not benchmarking")
         print(f"   warm-up {args.warmup}s", flush=True)
         run_wrk(target.wrk_single, target.base, args.threads, args.connections, args.warmup,
                 {**wrk_env, "BENCH_NONCE": f"w{int(time.time())}"},
                 outdir / f"{target.name}-warmup-wrk.txt")
         for mode in target.modes:
-            print(f"   {mode}: wrk {args.duration}s", flush=True)
-            row = http_phase(target, mode, args, rs, wrk_env, outdir)
-            print(f"   -> {fmt_num(row.rps)} req/s, {fmt_num(row.eps)} events/s, "
-                  f"p50 {fmt_ms(row.p50_us)}, p99 {fmt_ms(row.p99_us)}, "
-                  f"non-2xx {row.non2xx}", flush=True)
-            rows.append(row)
+            # The sweep replaces the single phase's one count with each of its counts.
+            counts = args.sweep if (mode == "single" and args.sweep) else [None]
+            for conns in counts:
+                shown = "" if conns is None else f" -c{conns}"
+                label = single_label(target) if mode == "single" else mode
+                print(f"   {label}: wrk{shown} {args.duration}s", flush=True)
+                row = http_phase(target, mode, args, rs, wrk_env, outdir, conns)
+                print(f"   -> {fmt_num(row.rps)} req/s, {fmt_num(row.eps)} events/s, "
+                      f"p50 {fmt_ms(row.p50_us)}, p99 {fmt_ms(row.p99_us)}, "
+                      f"non-2xx {row.non2xx}, XLEN Δ {row.xlen_delta} vs acked {row.acked}"
+                      + (f" ({row.note})" if row.note else ""), flush=True)
+                rows.append(row)
         report["streams"][target.name] = capture_stream(rs, target.stream, target.name, outdir)
     except Exception as e:  # noqa: BLE001 -- one target failing must not hide the others
         print(f"   {target.name} FAILED: {e}", flush=True)
@@ -548,11 +681,11 @@ def machine_info() -> str:
 
 
 def median_rows(rows: list[Row]) -> list[tuple[Row, list[Row]]]:
-    """Group rounds by (target, mode) in first-seen order; pick each group's median row
-    by events/s (the lower middle for an even count)."""
+    """Group rounds by (target, mode, connections) in first-seen order; pick each group's
+    median row by events/s (the lower middle for an even count)."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.target, r.mode), []).append(r)
+        groups.setdefault((r.target, r.mode, str(r.connections)), []).append(r)
     out = []
     for group in groups.values():
         ranked = sorted(group, key=lambda r: r.eps if r.eps is not None else -1)
@@ -562,22 +695,30 @@ def median_rows(rows: list[Row]) -> list[tuple[Row, list[Row]]]:
 
 def table(rows: list[Row], all_rounds: bool = False) -> str:
     picked = [(r, [r]) for r in rows] if all_rounds else median_rows(rows)
-    base = {}  # fastapi events/s per (round or "median", mode)
+
+    def base_key(r: Row) -> tuple:
+        # single rows compare with fastapi's row from the same wrk script ("single" or
+        # "single/seed") at the same connection count (the sweep); batch rows and the
+        # redis-benchmark ceilings with fastapi's batch row.
+        single = r.ratio_base == "single"
+        return (r.round if all_rounds else "median", r.mode if single else r.ratio_base,
+                r.connections if single else None)
+
+    base = {}  # fastapi events/s per (round or "median", mode, connections)
     for r, _ in picked:
         if r.target == "fastapi" and r.eps:
-            key = r.round if all_rounds else "median"
-            base[(key, "single" if r.mode == "single" else "batch")] = r.eps
+            base[base_key(r)] = r.eps
     multi = any(len(g) > 1 for _, g in picked)
     head = ["target", "mode"] + (["round"] if all_rounds else []) + [
         "conns", "req/s", "events/s"] + (["events/s each round"] if multi else []) + [
-        "p50", "p99", "non-2xx", "XLEN Δ", "ratio vs fastapi",
+        "p50", "p99", "non-2xx", "XLEN Δ", "acked", "ratio vs fastapi",
         "CPU target / redis / loadgen / other", "notes"]
     out = ["| " + " | ".join(head) + " |",
            "|" + "|".join("---:" if h in ("req/s", "events/s", "p50", "p99", "non-2xx",
-                                          "XLEN Δ", "ratio vs fastapi") else "---"
+                                          "XLEN Δ", "acked", "ratio vs fastapi") else "---"
                           for h in head) + "|"]
     for r, group in picked:
-        b = base.get((r.round if all_rounds else "median", r.ratio_base or ""))
+        b = base.get(base_key(r))
         ratio = f"{r.eps / b:.2f}×" if (b and r.eps) else "—"
         if r.cpu:
             vals = [r.cpu.get("target"), r.cpu.get("redis"),
@@ -590,17 +731,49 @@ def table(rows: list[Row], all_rounds: bool = False) -> str:
         if multi:
             cells.append(" / ".join(fmt_num(g.eps) for g in group))
         cells += [fmt_ms(r.p50_us), fmt_ms(r.p99_us), "—" if r.non2xx is None else str(r.non2xx),
-                  "—" if r.xlen_delta is None else f"{r.xlen_delta:,}", ratio, cpu, r.note]
+                  "—" if r.xlen_delta is None else f"{r.xlen_delta:,}",
+                  "—" if r.acked is None else f"{r.acked:,}", ratio, cpu, r.note]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def sweep_plot(report_json: Path) -> str:
+    """Draw sweep.png next to report.json (bench/plot.py); a line saying what happened."""
+    cmd = f"{sys.executable} {BENCH / 'plot.py'} {report_json}"
+    try:
+        from bench.plot import plot_report
+        png = plot_report(report_json)
+    except Exception as e:  # noqa: BLE001 -- the table and raw results are already written
+        return f"sweep plot not drawn ({type(e).__name__}: {e}); retry: {cmd}"
+    return f"sweep plot: {png}  (redraw: {cmd})"
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def go_peer_missing(args) -> str:
+    """Why the go-seed target cannot run here ("" when it can)."""
+    script = Path(args.go_peer)
+    if not script.is_file():
+        return f"skipped: {script} not found"
+    if not os.access(script, os.X_OK):
+        return f"skipped: {script} is not executable"
+    return ""
+
+
 def build_targets(args, rs: RedisServer, secret: str) -> dict[str, HttpTarget]:
     targets = {}
     py = sys.executable
+    if not go_peer_missing(args):
+        port = free_port()
+        targets["go-seed"] = HttpTarget(
+            name="go-seed", port=port, stream="events_stream", cmd=[str(args.go_peer)],
+            env={**os.environ, "REDIS_PORT": str(rs.port), "HTTP_PORT": str(port),
+                 "PAYFLUX_API_KEY": secret},
+            shown_env=("REDIS_PORT", "HTTP_PORT", "PAYFLUX_API_KEY"),
+            cwd=Path(args.go_peer).parent, modes=("single",), contract=False,
+            wrk_single="seed.lua", ready_path="/health", stdout_log=False, seed_smoke=True,
+        )
     port = free_port()
     targets["fastapi"] = HttpTarget(
         name="fastapi", port=port, stream="bench:{0}:events",
@@ -643,6 +816,10 @@ def build_targets(args, rs: RedisServer, secret: str) -> dict[str, HttpTarget]:
             env=dict(os.environ), modes=("single",), contract=False, wrk_single="webdis.lua",
             ready_path="/PING",
         )
+    if args.single_script == "seed":  # the same requests as the Go seed gets
+        for name in ("payflux", "fastapi"):
+            targets[name].wrk_single = "seed.lua"
+            targets[name].seed_smoke = True
     return targets
 
 
@@ -663,6 +840,15 @@ def main() -> int:
     ap.add_argument("--rb-requests", type=int, default=200000, help="redis-benchmark -n")
     ap.add_argument("--only", default=",".join(TARGETS),
                     help=f"comma-separated subset of {','.join(TARGETS)}")
+    ap.add_argument("--single-script", choices=("auto", "own", "seed"), default="auto",
+                    help="single-event wrk script for payflux and fastapi: own "
+                         "(bench/wrk/single.lua), seed (the Go seed's seed_single.lua), auto "
+                         "(seed when go-seed is selected and present)")
+    ap.add_argument("--sweep-connections", default="",
+                    help="comma-separated wrk connection counts: run every single-event "
+                         "phase at each (instead of --connections) and plot sweep.png")
+    ap.add_argument("--go-peer", default=str(GO_PEER),
+                    help="the Go seed's start script (go-seed is skipped when it is missing)")
     ap.add_argument("--payflux-arg", action="append", default=[],
                     help="extra argument for the payflux command (repeatable)")
     ap.add_argument("--out", default=None, help="results dir (default bench/results/<ts>)")
@@ -677,6 +863,29 @@ def main() -> int:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if not shutil.which("wrk") and set(only) - {"redis-benchmark"}:
         raise SystemExit("wrk not found: apt-get install -y wrk")
+    try:
+        args.sweep = [int(c) for c in args.sweep_connections.split(",") if c.strip()]
+    except ValueError:
+        ap.error("--sweep-connections takes comma-separated integers, e.g. 16,64,256")
+    if any(not 1 <= c <= 4096 for c in args.sweep):
+        ap.error("--sweep-connections counts must be 1..4096")
+    skipped = {}  # target -> why it is not run
+    if "go-seed" in only and go_peer_missing(args):
+        skipped["go-seed"] = go_peer_missing(args)
+        print(f"go-seed {skipped['go-seed']}", flush=True)
+    args.seed_script = Path(args.go_peer).parent / SEED_SCRIPT.name
+    asked = args.single_script
+    if args.single_script == "auto":
+        args.single_script = ("seed" if "go-seed" in only and "go-seed" not in skipped
+                              else "own")
+    if ((args.single_script == "seed" or ("go-seed" in only and "go-seed" not in skipped))
+            and not args.seed_script.is_file()):
+        raise SystemExit(f"{args.seed_script} not found (the seed's wrk script)")
+    own = WRK_DIR / "single.lua"
+    print(f"single-event wrk script for payflux and fastapi: "
+          f"{args.seed_script if args.single_script == 'seed' else own} "
+          f"(--single-script {asked}" + (f" -> {args.single_script}" if asked == "auto" else "")
+          + ")", flush=True)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = Path(args.out) if args.out else BENCH / "results" / stamp
@@ -706,6 +915,9 @@ def main() -> int:
                     new += redis_benchmark(rs, args, rdir, report)
                 elif name in targets:
                     new += run_http_target(targets[name], args, rs, secret, rdir, report)
+                elif name in skipped:
+                    print(f"== {name}: {skipped[name]}", flush=True)
+                    new.append(Row(name, "—", "—", note=skipped[name]))
                 else:
                     new.append(Row(name, "—", "—", note="not available on this machine"))
             for r in new:
@@ -719,6 +931,8 @@ def main() -> int:
     (outdir / "report.json").write_text(json.dumps(
         {**report, "rows": [r.__dict__ for r in rows]}, indent=2, default=str))
     print("\n" + md)
+    if args.sweep:
+        print(sweep_plot(outdir / "report.json"))
     print(f"raw outputs: {outdir}")
     return 0 if all(not r.note.startswith("failed") for r in rows) else 1
 
