@@ -100,6 +100,9 @@ class IngestApp:
         self.inflight_events = 0
         self.inflight_requests = 0
         self._idle: list[Deferred] = []
+        # read when scraped, not set twice per request
+        metrics.inflight_events.set_function(lambda: self.inflight_events)
+        metrics.inflight_requests.set_function(lambda: self.inflight_requests)
         # label children looked up once (prometheus-client's labels() takes a lock per call)
         self._latency_histograms: dict = {}
         self._accepted_counters: dict = {}
@@ -319,8 +322,6 @@ class IngestApp:
             raise error
         self.inflight_events += count
         self.inflight_requests += 1
-        self.metrics.inflight_events.set(self.inflight_events)
-        self.metrics.inflight_requests.set(self.inflight_requests)
         append_started = self.seconds()
         d = self.writer.append(prepared, int(append_started * 1000))
         return d.addBoth(self._appended, key_id, count, ignored, batch, endpoint, started, append_started)
@@ -330,8 +331,6 @@ class IngestApp:
         self.metrics.append_latency.observe(self.seconds() - append_started)
         self.inflight_events -= count
         self.inflight_requests -= 1
-        self.metrics.inflight_events.set(self.inflight_events)
-        self.metrics.inflight_requests.set(self.inflight_requests)
         if self.inflight_requests == 0 and self._idle:
             idle, self._idle = self._idle, []
             for d in idle:
