@@ -38,7 +38,6 @@ from collections import deque
 from http import HTTPStatus
 from typing import Callable
 
-from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.http import parse_qs
@@ -140,16 +139,10 @@ class FastIngestProtocol(Protocol):
         self._body_left = 0
         self._body_parts: list[bytes] = []
         self._request: tuple | None = None
-        self._socket = None
 
     # --- connection events ---
 
     def connectionMade(self) -> None:
-        # A plain TCP connection: answers are sent straight to its socket when nothing is
-        # queued in the transport (see _write); TLS and the others always go through write().
-        transport = self.transport
-        if type(transport) is tcp.Server and hasattr(transport, "_tempDataBuffer"):
-            self._socket = transport.socket
         idle = self.factory.idle_timeout
         if idle:
             self._last_input = self.factory.reactor.seconds()
@@ -354,7 +347,7 @@ class FastIngestProtocol(Protocol):
             return
         while answers and answers[0].data is not None:
             answer = answers.popleft()
-            self._write(answer.data)
+            self.transport.write(answer.data)
             if answer.close:
                 answers.clear()
                 self._cancel_timers()
@@ -366,29 +359,6 @@ class FastIngestProtocol(Protocol):
             self._parse()
         if self._handover and not answers:
             self._hand_over(self._handover)
-
-    def _write(self, data: bytes) -> None:
-        """
-        ``transport.write(data)``, but sent at once when the transport holds nothing unsent:
-        twisted's write() always buffers, registers the socket for writability (an epoll_ctl),
-        sends on the next loop turn and unregisters it (another) -- 14% of a single-event
-        request's CPU in the py-spy profile of PROOF-load-test.md.  What the socket does not
-        take is handed to write(), which keeps the order and the back-pressure.
-        """
-        sock = self._socket
-        transport = self.transport
-        if sock is not None and not transport.dataBuffer and not transport._tempDataBuffer \
-                and not transport.disconnecting:
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # write() finds the error and closes the connection
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
 
     # --- hand-over to the full stack ---
 
