@@ -72,7 +72,7 @@ def makeService(options: Options, reactor=None):
     a traceback from inside twistd.
     """
     from payflux.consumers.handlers import HandlerError
-    from payflux.node import build_node
+    from payflux.node import build_node, freeze_after_start
     from payflux.observability import logs
 
     if reactor is None:
@@ -96,6 +96,7 @@ def makeService(options: Options, reactor=None):
         service.workers.log_format = log_format  # workers log in the supervisor's format, to its stdout
     if twistd is None:
         return service
+    freeze_after_start(reactor)
     return LoggingRoot(service, observer, reactor)
 
 

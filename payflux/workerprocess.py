@@ -92,7 +92,7 @@ def main() -> None:
 
     from twisted.internet import reactor
 
-    from payflux.node import build_node
+    from payflux.node import build_node, freeze_after_start
 
     node = build_node(
         spec.settings,
@@ -105,6 +105,7 @@ def main() -> None:
     node.privilegedStartService()
     node.startService()
     reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+    freeze_after_start(reactor)
     reactor.run()
 
 

@@ -311,3 +311,27 @@ class FastPathNodeMixin:
 
 
 redis_test_cases(FastPathNodeMixin, globals())
+
+
+class FreezeAfterStartTests(SynchronousTestCase):
+    """node.freeze_after_start: what is alive shortly after the reactor starts leaves the GC's generations."""
+
+    def test_objects_alive_after_start_are_frozen(self):
+        import gc
+
+        from payflux.node import freeze_after_start
+
+        class Reactor(Clock):
+            def callWhenRunning(self, f, *args):
+                self.running_calls = (f, args)
+
+        reactor = Reactor()
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        freeze_after_start(reactor, delay=2.0)
+        f, args = reactor.running_calls
+        f(*args)  # the reactor runs
+        reactor.advance(1.9)
+        self.assertEqual(gc.get_freeze_count(), 0)
+        reactor.advance(0.2)
+        self.assertGreater(gc.get_freeze_count(), 1000)
