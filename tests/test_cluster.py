@@ -215,7 +215,9 @@ class ClusterMixin:
         stop = True
         await defer.gatherResults(producers)
 
-        self.assertGreater(moved, 200)
+        # compact dedupe records: a few dozen bucket hashes + the table + the streams, moved 5 at a
+        # time while the producers keep appending (it was one key per event before)
+        self.assertGreater(moved, 20)
         for p in moving:
             self.assertEqual(self.owners()[p], destination.port)
         found: dict[str, list[str]] = {}

@@ -297,7 +297,10 @@ class SeedLayoutMixin:
         self.assertEqual(self.r.exists("events_stream"), 0)
         (_, fields), = self.r.xrange("payflux:{0}:events")
         self.assertEqual(json.loads(fields[b"data"])["event_id"], event["event_id"])
-        self.assertEqual(self.r.exists(f"payflux:{{0}}:seen:{event['event_id']}"), 1)
+        # its dedupe records are compact (docs/stream-format.md): a table and bucket hashes, no seen key
+        self.assertEqual(self.r.exists(f"payflux:{{0}}:seen:{event['event_id']}"), 0)
+        self.assertEqual(self.r.exists("payflux:{0}:dd"), 1)
+        self.assertEqual(len(list(self.r.scan_iter("payflux:{0}:dd:*"))), 1)
 
 
 redis_test_cases(SeedLayoutMixin, globals())

@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor, task
 from payflux.redis.connect import connect
 
 from payflux.redis.target import parse_redis_url
+from payflux.streams.appendscript import pack_event_id, unpack_event_id, unpack_record
 from payflux.streams.keys import StreamKeys, partition_for
 from payflux.streams.writer import (
     AppendResult,
@@ -56,7 +57,31 @@ class WriterFixture:
         return [(i.decode(), dict(zip(f[::2], f[1::2]))) for i, f in raw]
 
     def seen_keys(self) -> list[bytes]:
+        """Legacy (stream-format v1) per-event dedupe keys: the default layout no longer writes any."""
         return sorted(self.server.sync_command("KEYS", "pf:*:seen:*"))
+
+    def bucket_keys(self, partition: int | str = "*") -> list[bytes]:
+        return sorted(self.server.sync_command("KEYS", f"pf:{{{partition}}}:dd:*"))
+
+    def records(self, partition: int = 0) -> dict[str, tuple[bytes, str]]:
+        """event_id -> (8-byte fingerprint, stream id) of every compact dedupe record of ``partition``."""
+        out: dict[str, tuple[bytes, str]] = {}
+        for key in self.bucket_keys(partition):
+            flat = self.server.sync_command("HGETALL", key)
+            for f, v in zip(flat[::2], flat[1::2]):
+                if f != b"":
+                    eid = unpack_event_id(f)
+                    self.assertNotIn(eid, out, "one record per event_id")
+                    out[eid] = unpack_record(v)
+        return out
+
+    def recorded_ids(self) -> list[str]:
+        """Every event_id with a compact dedupe record, in any partition."""
+        ids = []
+        for key in self.bucket_keys():
+            flat = self.server.sync_command("HGETALL", key)
+            ids.extend(unpack_event_id(f) for f in flat[::2] if f != b"")
+        return sorted(ids)
 
     async def assert_unavailable(self, d: defer.Deferred, within: float) -> RedisUnavailable:
         start = time.monotonic()
@@ -102,8 +127,8 @@ class WriterContractMixin(WriterFixture):
                 b"data": e.canonical,
             },
         )
-        record = self.server.sync_command("GET", KEYS.seen(0, "e1"))
-        self.assertEqual(record, f"{e.fingerprint} {r.stream_id}".encode())
+        self.assertEqual(self.records(), {"e1": (bytes.fromhex(e.fingerprint[:16]), r.stream_id)})
+        self.assertEqual(self.seen_keys(), [])  # no per-event keys any more
 
     @defer.inlineCallbacks
     def test_batch_keeps_input_order(self):
@@ -129,7 +154,7 @@ class WriterContractMixin(WriterFixture):
             yield w.append([event("e2"), event("e1", amount=999), event("e3")], 2)
         self.assertEqual(ctx.exception.event_ids, ["e1"])
         self.assertEqual(self.xlen(), 1)
-        self.assertEqual(self.seen_keys(), [KEYS.seen(0, "e1").encode()])
+        self.assertEqual(self.recorded_ids(), ["e1"])
 
     @defer.inlineCallbacks
     def test_in_call_duplicate(self):
@@ -146,7 +171,7 @@ class WriterContractMixin(WriterFixture):
             )
         self.assertEqual(ctx.exception.event_ids, ["e1", "e2"])
         self.assertEqual(self.xlen(), 0)
-        self.assertEqual(self.seen_keys(), [])
+        self.assertEqual(self.bucket_keys(), [])
 
     @defer.inlineCallbacks
     def test_numeric_event_ids_stay_strings(self):
@@ -167,7 +192,7 @@ class WriterContractMixin(WriterFixture):
             p = partition_for(e.merchant_id_hash, 4)
             ids = {i: f[b"event_id"].decode() for i, f in self.entries(p)}
             self.assertEqual(ids[r.stream_id], e.event_id)
-            self.assertIsNotNone(self.server.sync_command("GET", KEYS.seen(p, e.event_id)))
+            self.assertEqual(self.records(p)[e.event_id][1], r.stream_id)
         self.assertEqual(sum(self.xlen(p) for p in range(4)), len(events))
 
     @defer.inlineCallbacks
@@ -190,15 +215,25 @@ class WriterContractMixin(WriterFixture):
 
     @defer.inlineCallbacks
     def test_dedupe_window_sets_pttl_and_expires(self):
+        # window 1 s: a generation spans at most half a window and its buckets expire one
+        # window (+1 s) after its end; the record itself counts for exactly one window
         w = self.writer(window=1)
         [first] = yield w.append([event("e1")], 1)
-        pttl = self.server.sync_command("PTTL", KEYS.seen(0, "e1"))
-        self.assertTrue(0 < pttl <= 1000, pttl)
-        self.server.sync_command("PEXPIRE", KEYS.seen(0, "e1"), 1)
-        yield sleep(0.05)
-        [second] = yield w.append([event("e1")], 2)
+        [bucket] = self.bucket_keys()
+        pttl = self.server.sync_command("PTTL", bucket)
+        self.assertTrue(2000 <= pttl <= 2500, pttl)
+        [again] = yield w.append([event("e1")], 2)
+        self.assertEqual(again, AppendResult(first.stream_id, True))
+        yield sleep(1.05)
+        [second] = yield w.append([event("e1")], 3)
         self.assertFalse(second.duplicate)
         self.assertNotEqual(second.stream_id, first.stream_id)
+        # forgotten only by age: the old record may still sit in its bucket until it expires,
+        # and the new one is found from now on
+        [third] = yield w.append([event("e1")], 4)
+        self.assertEqual(third, AppendResult(second.stream_id, True))
+        with self.assertRaises(IdempotencyConflict):
+            yield w.append([event("e1", amount=2)], 5)
 
     @defer.inlineCallbacks
     def test_concurrent_duplicates_append_once(self):
@@ -306,7 +341,7 @@ class WriterContractMixin(WriterFixture):
         self.assertIsNotNone(error, "redis never reached maxmemory")
         self.assertIn("OOM", str(error))
         self.assertEqual(self.xlen(), before)
-        self.assertEqual(self.server.sync_command("KEYS", f"pf:*:seen:b{batch}-*"), [])
+        self.assertFalse([i for i in self.recorded_ids() if i.startswith(f"b{batch}-")])
         self.server.sync_command("CONFIG", "SET", "maxmemory", "0")
         [r] = yield w.append([event(f"b{batch}-0", size=2000)], 3)
         self.assertFalse(r.duplicate)
@@ -318,7 +353,8 @@ class WriterContractMixin(WriterFixture):
             yield self.writer().append([event("e1")], 1)
         self.assertNotIsInstance(ctx.exception, RedisUnavailable)
         self.assertIn("WRONGTYPE", str(ctx.exception))
-        self.assertEqual(self.seen_keys(), [])
+        self.assertEqual(self.bucket_keys(), [])
+        self.assertEqual(self.server.sync_command("EXISTS", KEYS.dedupe(0)), 0)
 
     @defer.inlineCallbacks
     def test_unix_socket_and_password(self):
@@ -412,7 +448,7 @@ class GroupCommitMixin(WriterFixture):
         self.assertEqual(sorted(ids), ["a1", "a2", "c1", "e1", "warmup"])
         self.assertEqual([r.stream_id for r in a], [ids["a1"], ids["a2"]])
         self.assertEqual([r.stream_id for r in c], [ids["c1"]])
-        self.assertEqual(self.server.sync_command("EXISTS", KEYS.seen(0, "b1"), KEYS.seen(0, "b2")), 0)
+        self.assertEqual([i for i in self.recorded_ids() if i.startswith("b")], [])
 
     @defer.inlineCallbacks
     def test_same_event_id_in_two_calls_of_a_flush_behaves_like_sequential_calls(self):
@@ -517,7 +553,7 @@ class GroupCommitMixin(WriterFixture):
             self.assertIsInstance(e, RedisUnavailable)
             self.assertIn("OOM", str(e))
         self.assertEqual(self.xlen(), before)
-        self.assertEqual(self.server.sync_command("KEYS", f"pf:*:seen:r{round_}-*"), [])
+        self.assertFalse([i for i in self.recorded_ids() if i.startswith(f"r{round_}-")])
 
     @defer.inlineCallbacks
     def test_killed_redis_fails_every_call_of_the_flush(self):
@@ -549,3 +585,109 @@ class GroupCommitMixin(WriterFixture):
 
 redis_test_cases(WriterContractMixin, globals())
 redis_test_cases(GroupCommitMixin, globals())
+
+
+class CompactDedupeMixin(WriterFixture):
+    """The compact dedupe records (appendscript.py): exact across generations, buckets and upgrades."""
+
+    @defer.inlineCallbacks
+    def test_duplicates_and_conflicts_are_found_across_generations(self):
+        # window 2 s: a generation ends on each 1 s boundary, so these land in two or three
+        w = self.writer(window=2)
+        first = yield w.append([event(f"g{i}") for i in range(50)], 1)
+        yield sleep(1.1)
+        second = yield w.append([event(f"h{i}") for i in range(50)], 2)
+        table = self.server.sync_command("HGETALL", KEYS.dedupe(0))
+        self.assertGreaterEqual(len([f for f in table[::2] if f.startswith(b"g")]), 2, table)
+        again = yield w.append([event(f"g{i}") for i in range(50)] + [event(f"h{i}") for i in range(50)], 3)
+        self.assertEqual(again, [AppendResult(r.stream_id, True) for r in first + second])
+        for i in (0, 49):
+            with self.assertRaises(IdempotencyConflict):
+                yield w.append([event(f"g{i}", amount=7)], 4)
+        self.assertEqual(self.xlen(), 100)
+
+    @defer.inlineCallbacks
+    def test_many_buckets_exact(self):
+        # 3,000 events in growing generations and many buckets; uuid, evt_<hex> and plain ids
+        import uuid as uuid_mod
+
+        w = self.writer(max_flush_events=1000)
+        ids = [str(uuid_mod.uuid4()) for _ in range(1000)] + [f"evt_{uuid_mod.uuid4().hex}" for _ in range(1000)]
+        ids += [f"order-{i}" for i in range(1000)]
+        first = []
+        for start in range(0, len(ids), 250):
+            first += yield w.append([event(i) for i in ids[start : start + 250]], 1)
+        self.assertFalse(any(r.duplicate for r in first))
+        self.assertEqual(len(set(r.stream_id for r in first)), len(ids))
+        self.assertGreater(len(self.bucket_keys()), 8)
+        records = self.records()
+        self.assertEqual(sorted(records), sorted(ids))
+        for eid, r in zip(ids, first):
+            self.assertEqual(records[eid][1], r.stream_id)
+        again = yield w.append([event(i) for i in ids[::7]], 2)
+        self.assertEqual(again, [AppendResult(r.stream_id, True) for r in first[::7]])
+        with self.assertRaises(IdempotencyConflict) as ctx:
+            yield w.append([event(i, amount=3) for i in ids[1::500]], 3)
+        self.assertEqual(ctx.exception.event_ids, ids[1::500])
+        for key in self.bucket_keys():
+            self.assertIn(self.server.sync_command("OBJECT", "ENCODING", key), (b"listpack", b"ziplist"))
+            self.assertGreater(self.server.sync_command("PTTL", key), 3600_000)
+        self.assertEqual(self.xlen(), len(ids))
+
+    @defer.inlineCallbacks
+    def test_window_edge(self):
+        w = self.writer(window=1)
+        [first] = yield w.append([event("edge")], 1)
+        yield sleep(0.75)
+        [dup] = yield w.append([event("edge")], 2)  # still inside the window
+        self.assertEqual(dup, AppendResult(first.stream_id, True))
+        yield sleep(0.4)  # 1.15 s after the first append: forgotten
+        [new] = yield w.append([event("edge", amount=9)], 3)  # not a conflict any more
+        self.assertFalse(new.duplicate)
+
+    @defer.inlineCallbacks
+    def test_two_writers_share_the_table(self):
+        # each writer has its own view: the second one's first call is stale and retried
+        w1, w2 = self.writer(), self.writer()
+        [a] = yield w1.append([event("shared")], 1)
+        [b] = yield w2.append([event("shared")], 2)
+        self.assertEqual(b, AppendResult(a.stream_id, True))
+        self.assertEqual(w2._views[0].refreshes, 1)
+        [c] = yield w2.append([event("other")], 3)
+        [d] = yield w1.append([event("other")], 4)
+        self.assertEqual(d, AppendResult(c.stream_id, True))
+        self.assertEqual(self.xlen(), 2)
+
+    @defer.inlineCallbacks
+    def test_upgrade_reads_the_v1_seen_keys(self):
+        # a partition written by the per-event format: stream entries and seen keys
+        e = event("legacy")
+        old_id = self.server.sync_command("XADD", KEYS.events(0), "*", "v", "1", "event_id", "legacy").decode()
+        self.server.sync_command("SET", KEYS.seen(0, "legacy"), f"{e.fingerprint} {old_id}", "PX", 3600_000)
+        w = self.writer()
+        [dup] = yield w.append([e], 1)
+        self.assertEqual(dup, AppendResult(old_id, True))
+        with self.assertRaises(IdempotencyConflict):
+            yield w.append([event("legacy", amount=5)], 2)
+        [new] = yield w.append([event("fresh")], 3)
+        self.assertFalse(new.duplicate)
+        legacy_until = int(self.server.sync_command("HGET", KEYS.dedupe(0), "legacy"))
+        self.assertGreater(legacy_until, time.time() * 1000 + 2 * 3600_000 - 60_000)  # two windows
+        self.assertEqual(self.seen_keys(), [KEYS.seen(0, "legacy").encode()])  # nothing new written there
+        self.assertEqual(sorted(self.records()), ["fresh"])
+
+    def test_pack_event_id_is_exact(self):
+        import uuid as uuid_mod
+
+        ids = [str(uuid_mod.uuid4()), str(uuid_mod.uuid4()).upper(), f"evt_{uuid_mod.uuid4().hex}", "a" * 33,
+               "0123456789abcdef", "0123456789abcde", "x", "evt_" + "ab" * 8, "evt_" + "AB" * 8, "\x01abc", "é" + "00" * 8]
+        packed = [pack_event_id(i) for i in ids]
+        self.assertEqual(len(set(packed)), len(ids))
+        self.assertEqual([unpack_event_id(p) for p in packed], ids)
+        self.assertEqual(len(pack_event_id(ids[0])), 17)
+        self.assertEqual(len(pack_event_id(ids[2])), 22)
+        self.assertTrue(all(p for p in packed))
+
+
+redis_test_cases(CompactDedupeMixin, globals())
+

@@ -7,7 +7,10 @@ together in one Lua call::
 
     <prefix>:{<p>}:events              the partition's event stream
     <prefix>:{<p>}:dlq                 the partition's dead-letter stream
-    <prefix>:{<p>}:seen:<event_id>     dedupe record "<fingerprint> <stream id>"
+    <prefix>:{<p>}:dd                  dedupe table: the generations of the partition's records
+    <prefix>:{<p>}:dd:<g>:<b>          dedupe bucket b of generation g: a hash of compact records
+    <prefix>:{<p>}:seen:<event_id>     stream-format v1's dedupe record "<fingerprint> <stream id>"
+                                       (no longer written; read for two windows after an upgrade)
 
 ``partition_for`` is the documented, stable partition function; changing it
 would reorder a merchant's events across partitions, so it never changes
@@ -74,10 +77,28 @@ class StreamKeys:
         base = self._base(p)
         return SEED_DLQ if self.layout == "seed" else f"{base}:dlq"
 
+    def dedupe(self, p: int) -> str:
+        """The dedupe table of partition ``p``: ``<prefix>:{p}:dd`` (layout "payflux" only)."""
+        return f"{self._compact_base(p)}:dd"
+
+    def dedupe_bucket_base(self, p: int) -> str:
+        """What the dedupe bucket keys of ``p`` start with: ``<prefix>:{p}:dd:`` (then ``<g>:<b>``)."""
+        return f"{self._compact_base(p)}:dd:"
+
+    def dedupe_bucket(self, p: int, generation: str | int, bucket: int) -> str:
+        """Bucket ``bucket`` of dedupe generation ``generation`` of ``p``: ``<prefix>:{p}:dd:<g>:<b>``."""
+        return f"{self.dedupe_bucket_base(p)}{generation}:{bucket}"
+
+    def _compact_base(self, p: int) -> str:
+        if self.layout == "seed":
+            raise ValueError("layout seed keeps one {events_stream}:seen:<event_id> key per event")
+        return self._base(p)
+
     def seen(self, p: int, event_id: str) -> str:
         """
-        The dedupe key of ``event_id`` in partition ``p``: ``<prefix>:{p}:seen:<event_id>``
-        (seed: ``{events_stream}:seen:<event_id>``, in ``events_stream``'s cluster slot).
+        The per-event dedupe key of ``event_id`` in partition ``p``: ``<prefix>:{p}:seen:<event_id>``
+        (seed: ``{events_stream}:seen:<event_id>``, in ``events_stream``'s cluster slot).  The seed
+        layout writes these; layout "payflux" only reads them after an upgrade (``dedupe``).
         """
         base = self._base(p)
         return f"{{{base}}}:seen:{event_id}" if self.layout == "seed" else f"{base}:seen:{event_id}"

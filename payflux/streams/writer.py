@@ -26,6 +26,14 @@ stream key) also hit the first XADD.  So a flush writes all of its accepted
 segments or nothing at all; ``test_writer`` checks this against real
 servers filled to ``maxmemory``.
 
+Compact dedupe records (layout "payflux", ``appendscript`` docstring): every key the script
+touches is declared in KEYS, so the writer keeps a ``DedupeView`` of each partition's dedupe
+table and declares the buckets of the generations it lists.  When that view is out of date (a
+new generation, on a time-slice boundary or when one fills up, or another node created one)
+the script writes nothing and answers ``stale`` with the table; the writer refreshes the view
+and sends the same segments again (at most ``MAX_STALE_RETRIES`` times, then the flush fails
+as RedisUnavailable).  A NOSCRIPT reload or a replica WAIT apply to each attempt.
+
 The script and its KEYS/ARGV layout live in ``appendscript``; the EVALSHA is
 RESP-encoded by ``resp`` rather than by txredisapi (``encode=False`` turns
 that off) and still goes through txredisapi's ``execute_command``.  Their
@@ -46,6 +54,7 @@ it is not strong consistency (docs/sentinel.md).  Off, nothing extra is sent.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import attrs
@@ -63,8 +72,12 @@ from payflux.streams.appendscript import (
     APPEND_SCRIPT,
     APPEND_SCRIPT_SHA,
     FORMAT_VERSION,
+    DedupeView,
     append_args,
+    is_stale,
+    script_for,
     segment_replies,
+    written_records,
 )
 from payflux.streams.keys import StreamKeys, partition_for
 
@@ -86,6 +99,9 @@ __all__ = [
 log = Logger()
 
 DEFAULT_MAX_FLUSH_EVENTS = 1000
+#: Calls of one flush answered ``stale`` (the dedupe table changed under the writer's view)
+#: before it gives up with RedisUnavailable; each one wrote nothing.
+MAX_STALE_RETRIES = 5
 
 
 @attrs.frozen
@@ -225,6 +241,8 @@ class StreamWriter:
         self.encode = encode
         self.min_replicas_ack = min_replicas_ack
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
+        self.script = script_for(keys)
+        self._views: dict[int, DedupeView] = {}
         self._pending: dict[int, list[_Segment]] = {}
         self._pending_events = 0
         self._flush_call: Any = None
@@ -364,18 +382,30 @@ class StreamWriter:
         if not self._live(segments):
             return None
 
-        def send() -> defer.Deferred:
-            # sent again after a NOSCRIPT reload: only for the callers still waiting by then
+        def send(attempt: int = 0) -> defer.Deferred:
+            # sent again after a NOSCRIPT reload or a stale reply: only for the callers still waiting by then
             live = self._live(segments)
             if not live:
                 return defer.succeed(None)
-            d = self._send(conn, partition, live)
+            d, proposal = self._send(conn, partition, live)
             if self.min_replicas_ack:
                 d = self._with_replica_acks(conn, d)
-                return d.addCallback(lambda reply_acks: self._deliver(reply_acks[0], partition, live, reply_acks[1]))
-            return d.addCallback(self._deliver, partition, live)
+            else:
+                d.addCallback(lambda reply: (reply, None))
 
-        return evalsha(conn, APPEND, send=send)
+            def replied(reply_acks: tuple[Any, int | None]) -> Any:
+                reply, acked = reply_acks
+                if is_stale(reply):
+                    self._view(partition).refresh(reply, self._now_ms())
+                    if attempt + 1 >= MAX_STALE_RETRIES:
+                        raise RedisUnavailable(f"the dedupe table of partition {partition} kept changing "
+                                               f"({MAX_STALE_RETRIES} stale replies in a row)")
+                    return send(attempt + 1)
+                return self._deliver(reply, partition, live, acked, proposal)
+
+            return d.addCallback(replied)
+
+        return evalsha(conn, self.script, send=send)
 
     def _with_replica_acks(self, conn: Any, evalsha: defer.Deferred) -> defer.Deferred:
         """``evalsha``'s reply and WAIT's replica count, WAIT sent at once behind it on ``conn``."""
@@ -396,16 +426,30 @@ class StreamWriter:
 
         return evalsha.addCallbacks(replied, failed)
 
-    def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> defer.Deferred:
-        args = append_args(self.keys, partition, segments, self.dedupe_window_ms, self.max_stream_length)
-        if self.encode and getattr(conn, "routes_encoded", False):  # a cluster client: route by the stream key
-            return conn.execute_command(Encoded(encode_command(args)), route_key=args[3])
-        if self.encode and accepts_encoded(conn):
-            return conn.execute_command(Encoded(encode_command(args)))
-        return conn.execute_command(*args)
+    def _view(self, partition: int) -> DedupeView:
+        view = self._views.get(partition)
+        if view is None:
+            view = self._views[partition] = DedupeView()
+        return view
 
-    def _deliver(self, reply: Any, partition: int, segments: list[_Segment], acked: int | None = None) -> None:
+    def _now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def _send(self, conn: Any, partition: int, segments: list[_Segment]) -> tuple[defer.Deferred, Any]:
+        """The EVALSHA of ``segments`` sent on ``conn``, and the dedupe generation it proposes (or None)."""
+        args, proposal = append_args(self.keys, partition, segments, self.dedupe_window_ms, self.max_stream_length,
+                                     self._view(partition), self._now_ms())
+        if self.encode and getattr(conn, "routes_encoded", False):  # a cluster client: route by the stream key
+            return conn.execute_command(Encoded(encode_command(args)), route_key=args[3]), proposal
+        if self.encode and accepts_encoded(conn):
+            return conn.execute_command(Encoded(encode_command(args))), proposal
+        return conn.execute_command(*args), proposal
+
+    def _deliver(self, reply: Any, partition: int, segments: list[_Segment], acked: int | None = None,
+                 proposal: Any = None) -> None:
         replies = segment_replies(reply, len(segments))
+        if self.keys.layout != "seed":
+            self._view(partition).accepted(proposal, written_records(replies))
         stream = self.keys.events(partition)
         for segment, segment_reply in zip(segments, replies):
             try:
