@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from twisted.internet import defer, reactor, task
+from twisted.trial import unittest as trial_unittest
 
 from payflux.redis.connect import connect
 
@@ -691,3 +692,54 @@ class CompactDedupeMixin(WriterFixture):
 
 redis_test_cases(CompactDedupeMixin, globals())
 
+
+class _NeverConnected(StreamWriter):
+    """A writer whose pool never hands out a connection: every append waits until its timeout."""
+
+    def _connection(self) -> defer.Deferred:
+        return defer.Deferred()
+
+
+class SharedTimeoutTests(trial_unittest.SynchronousTestCase):
+    """One timer bounds every append (StreamWriter._watch/_expire), each at its own deadline."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.writer = _NeverConnected(None, StreamKeys(), partitions=1, dedupe_window_seconds=60,
+                                      timeout=1.0, reactor=self.clock)
+
+    def outcome(self, d: defer.Deferred) -> list:
+        seen: list = []
+        d.addBoth(seen.append)
+        return seen
+
+    def test_each_append_times_out_at_its_own_deadline_and_no_timer_is_left(self):
+        first = self.outcome(self.writer.append([event("a")], 1))
+        self.clock.advance(0.6)
+        second = self.outcome(self.writer.append([event("b")], 2))
+        self.clock.advance(0.5)  # 1.1 s: the first is due, the second not
+        self.assertIsInstance(first[0].value, RedisUnavailable)
+        self.assertIn("within 1s", str(first[0].value))
+        self.assertEqual(second, [])
+        self.clock.advance(0.5)
+        self.assertIsInstance(second[0].value, RedisUnavailable)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_shorter_timeout_is_honoured_behind_a_longer_one(self):
+        self.writer.timeout = 5.0
+        slow = self.outcome(self.writer.append([event("a")], 1))
+        self.writer.timeout = 0.1
+        fast = self.outcome(self.writer.append([event("b")], 2))
+        self.clock.advance(0.2)
+        self.assertIsInstance(fast[0].value, RedisUnavailable)
+        self.assertEqual(slow, [])
+        self.clock.advance(5.0)
+        self.assertIsInstance(slow[0].value, RedisUnavailable)
+
+    def test_a_caller_that_gives_up_is_not_a_timeout_and_leaves_no_timer(self):
+        d = self.writer.append([event("a")], 1)
+        seen = self.outcome(d)
+        self.clock.advance(0)  # the group-commit flush
+        d.cancel()
+        self.assertTrue(seen[0].check(defer.CancelledError))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from typing import Any
 
 import attrs
@@ -157,6 +158,10 @@ class _Abandoned:
     """Set once the caller has given up, so late connections don't send stale appends."""
 
     abandoned = False
+    timed_out = False  # given up because ``timeout`` passed (not cancelled by the caller)
+
+    def abandon(self, _: Any) -> None:
+        self.abandoned = True
 
 
 @attrs.define(eq=False)
@@ -246,6 +251,8 @@ class StreamWriter:
         self._pending: dict[int, list[_Segment]] = {}
         self._pending_events = 0
         self._flush_call: Any = None
+        self._deadlines: deque[tuple[float, defer.Deferred, _Abandoned]] = deque()
+        self._deadline_call: Any = None
 
     def append(self, events: list[PreparedEvent], received_at_ms: int) -> defer.Deferred:
         """
@@ -270,16 +277,7 @@ class StreamWriter:
             groups.setdefault(partition_for(event.merchant_id_hash, self.partitions), []).append(index)
 
         state = _Abandoned()
-
-        def abandon(_: defer.Deferred) -> None:
-            state.abandoned = True
-
-        outer: defer.Deferred = defer.Deferred(abandon)
-        segments = {p: _Segment([events[i] for i in idxs], received_at_ms, state) for p, idxs in groups.items()}
-        work = defer.DeferredList(
-            [s.done.addErrback(self._map_error) for s in segments.values()], consumeErrors=True
-        )
-        work.addCallback(self._combine, groups, len(events))
+        outer: defer.Deferred = defer.Deferred(state.abandon)
 
         def finish(result: Any) -> None:
             # txredisapi's pool Deferreds can't be cancelled safely, so the
@@ -294,19 +292,75 @@ class StreamWriter:
                 outer.callback(result)
             return None
 
-        work.addBoth(finish)
+        if len(groups) == 1:
+            # one partition (every single event): its segment's results are already in input
+            # order and its conflict already lists each event_id once, so no DeferredList
+            [(partition, _)] = groups.items()
+            segments = {partition: _Segment(events, received_at_ms, state)}
+            segments[partition].done.addErrback(self._map_error).addBoth(finish)
+        else:
+            segments = {p: _Segment([events[i] for i in idxs], received_at_ms, state) for p, idxs in groups.items()}
+            work = defer.DeferredList(
+                [s.done.addErrback(self._map_error) for s in segments.values()], consumeErrors=True
+            )
+            work.addCallback(self._combine, groups, len(events))
+            work.addBoth(finish)
 
-        def on_timeout(result: Any, timeout: float) -> Any:
-            # addTimeout hands us the CancelledError its cancel() produced
-            if isinstance(result, Failure) and result.check(defer.CancelledError):
-                raise RedisUnavailable(f"no reply from redis within {timeout:g}s")
-            return result
-
-        outer.addTimeout(self.timeout, self.reactor, onTimeoutCancel=on_timeout)
+        outer.addBoth(self._forget_settled)  # first: however it settles (answer, timeout, caller's cancel)
+        outer.addErrback(self._timed_out, state)
         outer.addErrback(self._log_unavailable, len(events))
+        self._watch(outer, state)
         for partition, segment in segments.items():
             self._enqueue(partition, segment)
         return outer
+
+    # --- the timeout: one timer for all appends, not a DelayedCall scheduled and cancelled per
+    # append (their deadlines come in order while ``timeout`` stays the same) ---
+
+    def _watch(self, outer: defer.Deferred, state: "_Abandoned") -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].called:  # settled: forget (answers come mostly in order)
+            deadlines.popleft()
+        deadline = self.reactor.seconds() + self.timeout
+        deadlines.append((deadline, outer, state))
+        self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        """The timer fires no later than ``deadline``."""
+        call = self._deadline_call
+        if call is None:
+            self._deadline_call = self.reactor.callLater(max(deadline - self.reactor.seconds(), 0.0), self._expire)
+        elif call.getTime() > deadline:
+            call.reset(max(deadline - self.reactor.seconds(), 0.0))
+
+    def _forget_settled(self, result: Any = None) -> Any:
+        """Drop settled appends off the head; no timer while none waits.  Passes ``result`` on."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].called:
+            deadlines.popleft()
+        if not deadlines and self._deadline_call is not None:
+            if self._deadline_call.active():
+                self._deadline_call.cancel()
+            self._deadline_call = None
+        return result
+
+    def _expire(self) -> None:
+        self._deadline_call = None
+        now = self.reactor.seconds()
+        due = [(outer, state) for deadline, outer, state in self._deadlines if deadline <= now and not outer.called]
+        # the rest, in order (a caller's callbacks below may append: _watch arms the timer for those)
+        self._deadlines = deque(entry for entry in self._deadlines if entry[0] > now and not entry[1].called)
+        if self._deadlines:
+            self._arm(min(entry[0] for entry in self._deadlines))
+        for outer, state in due:
+            if not outer.called:
+                state.timed_out = True
+                outer.cancel()  # abandons the append; _timed_out makes it RedisUnavailable
+
+    def _timed_out(self, failure: Failure, state: "_Abandoned") -> Failure:
+        if state.timed_out and failure.check(defer.CancelledError):
+            raise RedisUnavailable(f"no reply from redis within {self.timeout:g}s")
+        return failure
 
     def _log_unavailable(self, failure: Failure, count: int) -> Failure:
         if failure.check(RedisUnavailable):
