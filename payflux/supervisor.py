@@ -1,15 +1,15 @@
 """
-``--workers N``: one supervisor process and N ingest worker processes sharing one socket.
+``--workers N``: one supervisor process and N ingest worker processes, one SO_REUSEPORT socket each.
 
 With ``workers > 1`` the ``twistd`` process is the **supervisor**. It owns
 
 - the embedded redis-server (when no ``redis_url`` is set) and a Redis pool of its own,
-- the ingest listening socket: bound once (``listen`` must be a ``tcp:``/``tcp6:`` endpoint),
-  never accepted on by the supervisor itself, and handed to each worker as file descriptor 3;
-  every worker adopts it (``reactor.adoptStreamPort``), so all share one kernel accept queue.
-  Chosen over SO_REUSEPORT because the supervisor keeps the socket open: connections that
-  arrive while a worker restarts wait in the backlog for the next ``accept`` instead of being
-  hashed to a dead worker's queue, and a taken port fails the start once, with one line;
+- the ingest listening sockets (``listen`` must be a ``tcp:``/``tcp6:`` endpoint): one per
+  worker, all bound to the same address with ``SO_REUSEPORT`` (:class:`WorkerSockets`), never
+  accepted on by the supervisor itself; worker ``i`` gets socket ``i`` as file descriptor 3 and
+  adopts it (``reactor.adoptStreamPort``). The kernel spreads connections over the workers;
+  the supervisor keeps every socket open, so connections that arrive while a worker restarts
+  wait in its backlog for the new worker, and a taken port fails the start once, with one line;
 - the side listener (``metrics_listen``): ``/metrics`` sums the workers' ingest metrics,
   ``/ready`` is 200 only when Redis answers and every worker answers its own ``/ready``,
   ``/health`` is the supervisor's liveness;
@@ -44,9 +44,9 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet import protocol
-from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
-from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.endpoints import TCP6ServerEndpoint, UNIXClientEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,41 +74,71 @@ REAP_LIMIT = 0.5
 WORKER_READY_TIMEOUT = 0.08
 
 
-class SharedSocket(Service):
-    """Binds the ingest endpoint once, in the supervisor, and never accepts on it."""
+class WorkerSockets(Service):
+    """
+    The ingest endpoint, bound in the supervisor as one listening socket per worker, all with
+    ``SO_REUSEPORT`` on the same address; the supervisor never accepts on them.
 
-    def __init__(self, reactor, description: str):
+    The kernel spreads new connections over the sockets by a hash of their addresses, so each
+    worker gets its share of a client's connections.  One socket shared by all workers (what
+    this replaced) let whichever worker woke first accept a whole burst: with wrk's 64
+    connections, one of two workers held ~60 of them (PROOF-load-test.md, 2026-12-03).  Worker
+    ``i`` always gets socket ``i``, which the supervisor keeps open, so connections hashed to
+    it while worker ``i`` restarts wait in its backlog for the new worker.  Before binding, the
+    address is bound once *without* ``SO_REUSEPORT``: if anything holds it (another PayFlux
+    included, which would otherwise join the group silently), the start fails with one line.
+    """
+
+    def __init__(self, reactor, description: str, count: int):
         self._reactor = reactor
         self._description = description
-        self.port: Any = None
+        self._count = count
+        self.sockets: list[socket.socket] = []
+        self.family = socket.AF_INET
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        if self.port is not None:
+        if self.sockets:
             return
-        result: list = []
-        serverFromString(self._reactor, self._description).listen(protocol.Factory()).addBoth(result.append)
-        if isinstance(result[0], Failure):
-            result[0].raiseException()  # CannotListenError: Node turns it into one line, exit 1
-        self.port = result[0]
-        self.port.stopReading()  # the workers accept; the supervisor only holds the socket open
+        endpoint = serverFromString(self._reactor, self._description)
+        # TCP4ServerEndpoint / TCP6ServerEndpoint (config allows only tcp: and tcp6: with workers)
+        port, backlog, interface = endpoint._port, endpoint._backlog, endpoint._interface
+        self.family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+        host = interface or ("::" if self.family == socket.AF_INET6 else "0.0.0.0")
+        try:
+            with socket.socket(self.family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as twisted: TIME_WAIT is no holder
+                probe.bind((host, port))
+                port = probe.getsockname()[1]
+            for _ in range(self._count):
+                sock = socket.socket(self.family, socket.SOCK_STREAM)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+        except OSError as e:
+            self._close()
+            raise CannotListenError(interface, port, e) from None  # Node: one line, exit 1
+        self.address = self.sockets[0].getsockname()
 
     def startService(self) -> None:
         self.privilegedStartService()
         super().startService()
 
-    @property
-    def fileno(self) -> int:
-        return self.port.fileno()
+    def fileno(self, index: int) -> int:
+        return self.sockets[index].fileno()
 
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if isinstance(self.port.getHost(), IPv6Address) else socket.AF_INET
+    def _close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
 
     def stopService(self):
         super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else succeed(None)
+        self._close()
+        return succeed(None)
 
 
 @implementer(IAgentEndpointFactory)
@@ -149,7 +179,7 @@ class WorkerPool(Service):
         self,
         settings: Settings,
         reactor,
-        shared: SharedSocket,
+        shared: WorkerSockets,
         redis: RedisPool,
         metrics: Metrics,
         log_format: str,
@@ -221,7 +251,7 @@ class WorkerPool(Service):
             sys.executable,
             [sys.executable, "-m", "payflux.workerprocess"],
             env=dict(os.environ),
-            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self.shared.fileno},
+            childFDs={0: "w", 1: 1, 2: 2, INHERITED_FD: self.shared.fileno(index)},
         )
         self.procs[index] = proc
         self.supervisor_metrics.workers_running.set(len(self.procs))
@@ -369,7 +399,7 @@ def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, 
     keys = StreamKeys(settings.stream_prefix, layout=settings.layout)
     ping = pool.health.check  # /ready: within 50 ms, with a readable reason
 
-    shared = SharedSocket(reactor, settings.listen)
+    shared = WorkerSockets(reactor, settings.listen, settings.workers)
     workers = WorkerPool(settings, reactor, shared, pool, metrics, log_format)
     side = WorkersSideApp(workers, ping, metrics.content_type)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import socket
 import os
 import sys
 import signal
@@ -149,6 +150,51 @@ class WorkersTests(SynchronousTestCase):
         self.assertEqual(log.count("draining: refusing new ingests"), 2)
         self.assertIn("embedded redis-server stopped", log)
         self.assertNotIn("Traceback", log)
+
+    def test_concurrent_connections_are_spread_over_the_workers(self):
+        """
+        40 connections opened at once, then one POST on each: each worker serves a fair share
+        (SO_REUSEPORT sockets; one shared socket let the first worker to wake take them all).
+        """
+        import http.client
+
+        self.start()
+        connections = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=10) for _ in range(40)]
+        for c in connections:
+            c.connect()
+        workers = []
+        for c in connections:
+            c.request("POST", "/v1/events/payment_exhaust", json.dumps(self.sample_event()),
+                      {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"})
+            response = c.getresponse()
+            response.read()
+            self.assertEqual(response.status, 202)
+            workers.append(response.headers["X-PayFlux-Worker"])
+            c.close()
+        counts = sorted(workers.count(w) for w in set(workers))
+        self.assertEqual(len(counts), 2, counts)
+        self.assertGreaterEqual(counts[0], 8, counts)  # Bin(40, 1/2) below 8: p < 1e-4
+        self.stop()
+
+    def test_a_taken_port_fails_the_start_with_one_line(self):
+        """Held by anything -- a plain listener, or one with SO_REUSEPORT such as another PayFlux."""
+        for reuseport in (False, True):
+            holder = socket.socket()
+            self.addCleanup(holder.close)
+            if reuseport:
+                holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind(("127.0.0.1", self.port))
+            holder.listen(8)
+            env = clean_env()
+            env["PAYFLUX_API_KEYS"] = f"tester:{SECRET}"
+            proc = subprocess.run(
+                [*TWISTD, "-n", "--pidfile=", "payflux", "--workers", "2", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                 "--metrics-listen", "none", "--data-dir", self.data_dir],
+                capture_output=True, text=True, timeout=60, cwd=self.dir, env=env)
+            self.assertEqual(proc.returncode, 1, (reuseport, proc.stdout[-2000:], proc.stderr[-2000:]))
+            self.assertIn("payflux: cannot start:", proc.stderr + proc.stdout)
+            self.assertNotIn("Traceback", proc.stderr + proc.stdout)
+            holder.close()
 
     def test_killed_worker_is_restarted_and_retries_do_not_duplicate(self):
         self.start()
