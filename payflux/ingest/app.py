@@ -368,11 +368,17 @@ class IngestApp:
         self._observe(endpoint, 202, started)
         if ignored:
             self.metrics.count_ignored(ignored)
+        # What json.dumps gives for these documents, formatted directly (a stream id is digits
+        # and a dash); ignored_fields, which carry labels, still go through json.dumps.
         if not batch and not ignored:
             r = results[0]
-            # what json.dumps gives for {"status", "id", "duplicate"}: a stream id is digits and a dash
             return b'{"status":"accepted","id":"%s","duplicate":%s}' % (
                 r.stream_id.encode("ascii"), b"true" if r.duplicate else b"false")
+        if batch and not ignored:
+            items = b",".join([b'{"id":"%s","duplicate":%s}' % (r.stream_id.encode("ascii"), b"true" if r.duplicate else b"false")
+                               for r in results])
+            return b'{"status":"accepted","count":%d,"accepted":%d,"duplicates":%d,"results":[%s]}' % (
+                count, count - duplicates, duplicates, items)
         if batch:
             doc = {
                 "status": "accepted",

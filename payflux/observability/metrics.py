@@ -207,6 +207,7 @@ WORKER_FAMILIES = frozenset(
         "payflux_redis_append_duration_seconds",
         "payflux_inflight_requests",
         "payflux_inflight_events",
+        "payflux_http_fallbacks",
         "payflux_draining",
     }
 )
