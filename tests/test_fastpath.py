@@ -245,6 +245,24 @@ class FastPathUnitTests(SynchronousTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.assertEqual(len(self.app.calls), MAX_PIPELINE + 4)
 
+    def test_a_paused_connection_gets_no_header_clock(self):
+        self.protocol.dataReceived(_post() * (MAX_PIPELINE + 2))
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(5.0)  # header_timeout is 2 s; Redis is slow
+        self.assertEqual(self.site.built, [])
+        for d in list(self.app.pending):
+            d.callback(b"{}")
+        self.assertEqual(len(self.app.calls), MAX_PIPELINE + 2)
+        self.assertEqual(self.fallbacks, [])
+
+    def test_a_head_that_times_out_behind_owed_answers_is_still_refused_408(self):
+        self.protocol.dataReceived(_post() + b"POST /v1/events/payment_exhaust HTTP/1.1\r\nHo")
+        self.clock.advance(2.1)
+        self.assertEqual(self.site.built, [])  # the first answer is still owed
+        self.app.pending[0].callback(b"{}")
+        [stack] = self.site.built
+        self.assertEqual([e.status for e in stack._channel.refused], [408])
+
     def test_an_unexpected_error_is_a_json_500(self):
         self.app.raise_error = RuntimeError("boom")
         self.protocol.dataReceived(_post())
@@ -335,3 +353,4 @@ class FreezeAfterStartTests(SynchronousTestCase):
         self.assertEqual(gc.get_freeze_count(), 0)
         reactor.advance(0.2)
         self.assertGreater(gc.get_freeze_count(), 1000)
+

@@ -128,6 +128,7 @@ class FastIngestProtocol(Protocol):
         self._answers: deque[_Answer] = deque()
         self._delegate = None  # the full stack's protocol, once handed over
         self._handover: str | None = None  # the reason of a hand-over waiting for earlier answers
+        self._handover_refusal: ApiError | None = None  # and the answer it then gives at once
         self._closing = False  # a request asked to close: nothing more is read
         self._lost = False
         self._paused = False
@@ -185,7 +186,7 @@ class FastIngestProtocol(Protocol):
         finally:
             self._parsing = False
         if self._buffer and self._request is None and not (self._handover or self._delegate or self._closing) \
-                and self._head_deadline is None and self.factory.header_timeout:
+                and not self._paused and self._head_deadline is None and self.factory.header_timeout:
             # a head begun and not complete: it must be, within header_timeout of now
             self._head_deadline = self.factory.reactor.callLater(self.factory.header_timeout, self._head_timed_out)
 
@@ -369,8 +370,12 @@ class FastIngestProtocol(Protocol):
         """
         if self._answers:
             self._handover = reason  # _flush comes back here
+            self._handover_refusal = refuse
             return
+        if refuse is None:
+            refuse = self._handover_refusal
         self._handover = None
+        self._handover_refusal = None
         self._cancel_timers()
         self.factory.on_fallback(reason)
         if self._paused:
