@@ -263,6 +263,22 @@ class FastPathUnitTests(SynchronousTestCase):
         [stack] = self.site.built
         self.assertEqual([e.status for e in stack._channel.refused], [408])
 
+    def test_a_client_that_does_not_read_its_answers_stops_being_read(self):
+        self.assertIs(self.transport.producer, self.protocol)
+        self.protocol.pauseProducing()  # what the transport does when its write buffer is full
+        self.assertEqual(self.transport.producerState, "paused")
+        self.protocol.dataReceived(_post() * (MAX_PIPELINE + 2))  # already read: still handled
+        for d in list(self.app.pending):
+            d.callback(b"{}")
+        self.assertEqual(self.transport.producerState, "paused")  # owed answers drained, buffer not
+        self.protocol.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(len(self.app.calls), MAX_PIPELINE + 2)
+
+    def test_the_full_stack_can_register_itself_after_a_hand_over(self):
+        self.protocol.dataReceived(b"GET /health HTTP/1.1\r\n\r\n")
+        self.assertIsNone(self.transport.producer)
+
     def test_an_unexpected_error_is_a_json_500(self):
         self.app.raise_error = RuntimeError("boom")
         self.protocol.dataReceived(_post())

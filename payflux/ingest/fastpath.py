@@ -38,9 +38,11 @@ from collections import deque
 from http import HTTPStatus
 from typing import Callable
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.http import parse_qs
+from zope.interface import implementer
 
 from payflux.ingest.app import BATCH_PATH, SINGLE_PATH, IngestApp
 from payflux.ingest.errors import ApiError
@@ -118,8 +120,13 @@ class FastIngestFactory(Factory):
         return self._date
 
 
+@implementer(IPushProducer)
 class FastIngestProtocol(Protocol):
-    """One connection of the ingest listener; see the module docstring."""
+    """
+    One connection of the ingest listener; see the module docstring.  It is the transport's
+    producer: a client that does not read its answers fills the transport's write buffer, which
+    pauses reading from it (as twisted.web's channel does), so nothing piles up.
+    """
 
     def __init__(self, factory: FastIngestFactory):
         self.factory = factory
@@ -131,7 +138,9 @@ class FastIngestProtocol(Protocol):
         self._handover_refusal: ApiError | None = None  # and the answer it then gives at once
         self._closing = False  # a request asked to close: nothing more is read
         self._lost = False
-        self._paused = False
+        self._paused = False  # MAX_PIPELINE answers owed: parse nothing more for now
+        self._write_blocked = False  # the transport's write buffer is full
+        self._reading_paused = False  # what the transport was last told
         self._parsing = False
         self._head_deadline = None
         self._idle_call = None
@@ -144,6 +153,7 @@ class FastIngestProtocol(Protocol):
     # --- connection events ---
 
     def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
         idle = self.factory.idle_timeout
         if idle:
             self._last_input = self.factory.reactor.seconds()
@@ -314,7 +324,7 @@ class FastIngestProtocol(Protocol):
             d.addCallbacks(self._accepted, self._failed, (answer, http10), None, (answer, http10), None)
         if len(self._answers) >= MAX_PIPELINE and not self._paused and not self._lost:
             self._paused = True
-            self.transport.pauseProducing()
+            self._sync_reading()
 
     def _accepted(self, body: bytes, answer: _Answer, http10: bool) -> None:
         answer.data = self._response(202, body, answer.close, http10)
@@ -356,7 +366,7 @@ class FastIngestProtocol(Protocol):
                 return
         if self._paused and len(answers) < MAX_PIPELINE // 2:
             self._paused = False
-            self.transport.resumeProducing()
+            self._sync_reading()
             self._parse()
         if self._handover and not answers:
             self._hand_over(self._handover)
@@ -378,9 +388,9 @@ class FastIngestProtocol(Protocol):
         self._handover_refusal = None
         self._cancel_timers()
         self.factory.on_fallback(reason)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._paused = self._write_blocked = False
+        self._sync_reading()
+        self.transport.unregisterProducer()  # the full stack's channel registers itself
         protocol = self.factory.site.buildProtocol(self.transport.getPeer())
         self._delegate = protocol
         data, self._buffer = self._buffer, b""
@@ -389,6 +399,30 @@ class FastIngestProtocol(Protocol):
             protocol._channel._payflux_refuse(refuse)
         if data:
             protocol.dataReceived(data)
+
+    # --- reading: paused while too many answers are owed or the write buffer is full ---
+
+    def _sync_reading(self) -> None:
+        paused = self._paused or self._write_blocked
+        if paused != self._reading_paused and not self._lost:
+            self._reading_paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """IPushProducer: the transport's write buffer is full."""
+        self._write_blocked = True
+        self._sync_reading()
+
+    def resumeProducing(self) -> None:
+        """IPushProducer: the write buffer drained."""
+        self._write_blocked = False
+        self._sync_reading()
+
+    def stopProducing(self) -> None:
+        """IPushProducer: the connection is going away (connectionLost follows)."""
 
     # --- timers ---
 
