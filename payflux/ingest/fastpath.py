@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.web.http import parse_qs
 from zope.interface import implementer
 
-from payflux.ingest.app import BATCH_PATH, SINGLE_PATH, IngestApp
+from payflux.ingest.app import IngestApp
 from payflux.ingest.errors import ApiError
 
 log = Logger()

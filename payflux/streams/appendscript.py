@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import attrs
 

@@ -69,7 +69,6 @@ from payflux.redis.resp import Encoded, encode_command
 from payflux.redis.scripts import evalsha
 from payflux.redis.txadapter import accepts_encoded, peek_connection
 from payflux.streams.appendscript import (
-    APPEND,
     APPEND_SCRIPT,
     APPEND_SCRIPT_SHA,
     FORMAT_VERSION,
