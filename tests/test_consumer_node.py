@@ -69,7 +69,8 @@ class ConsumerNodeMixin:
         redis = self.start_redis()
         key = f"{self.id()}"
         node = yield start_node(
-            self, redis.url, config_text=_config(key, max_deliveries=2, min_idle_ms=50, reclaim_interval=0.1)
+            # min_idle_ms 500, not 50: a delivery slowed by a loaded box must not be reclaimed mid-flight
+            self, redis.url, config_text=_config(key, max_deliveries=2, min_idle_ms=500, reclaim_interval=0.1)
         )
         good, bad = sample_event(1), sample_event(2, event_type="payment_disputed")
         response = yield node.post(BATCH, json.dumps(good) + "\n" + json.dumps(bad), "application/x-ndjson")

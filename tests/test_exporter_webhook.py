@@ -521,7 +521,11 @@ class WebhookRuntimeMixin(ReceiverFixture, RedisFixture):
         self.receiver.rule = lambda body: 400 if "e2" in ids_of(body) else 200
         handler = load_handler("webhook", {"url": self.url, "secret": SECRET, "retry_initial": 0.05}, reactor)
         self.addCleanup(handler.close)
-        cfg = config(max_deliveries=2, min_idle_ms=50, reclaim_interval=0.1, batch_size=10)
+        # min_idle_ms: how long a delivery may take before reclaim hands its entries out again.
+        # At 50 ms a first delivery slowed by a loaded CI box was reclaimed mid-flight and every
+        # event arrived twice (at-least-once, but this test checks "once"); 500 ms is far
+        # above a local delivery and still lets e2 reach the DLQ within the wait below.
+        cfg = config(max_deliveries=2, min_idle_ms=500, reclaim_interval=0.1, batch_size=10)
         last_errors: dict = {}
         consumer = ConsumerService(cfg, handler, self.redis, self.open_blocking, KEYS, 1, self.metrics.consumers,
                                    reactor, last_errors=last_errors)
