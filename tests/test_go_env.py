@@ -106,13 +106,13 @@ class RedisTests(SynchronousTestCase):
             self.assertIn("REDIS_TLS", str(cm.exception))
 
     def test_bad_addresses_fail_naming_the_variable(self):
-        for addr in ("nohost", "h:", "h:port", "h:70000", "::1:6379", "h:0", "a b:1"):
+        for addr in ("nohost", "h:", "h:port", "h:70000", "::1:6380", "h:0", "a b:1"):
             with self.assertRaises(ConfigError) as cm:
                 settings({"REDIS_ADDR": addr, "PAYFLUX_API_KEY": SECRET})
             self.assertTrue(str(cm.exception).startswith("invalid REDIS_ADDR "), str(cm.exception))
         # credentials in the address are refused without being echoed
         with self.assertRaises(ConfigError) as cm:
-            settings({"REDIS_ADDR": "user:topsecretpw@h:6379", "PAYFLUX_API_KEY": SECRET})
+            settings({"REDIS_ADDR": "user:topsecretpw@h:6380", "PAYFLUX_API_KEY": SECRET})
         self.assertNotIn("topsecretpw", str(cm.exception))
         self.assertIn("REDIS_PASSWORD", str(cm.exception))
 
@@ -121,7 +121,7 @@ class RedisTests(SynchronousTestCase):
         os.write(fd, b"from-the-file\n")
         os.close(fd)
         self.addCleanup(os.unlink, path)
-        s = settings({"REDIS_ADDR": "h:6379", "REDIS_PASSWORD": "from-the-env", "PAYFLUX_API_KEY": SECRET,
+        s = settings({"REDIS_ADDR": "h:6380", "REDIS_PASSWORD": "from-the-env", "PAYFLUX_API_KEY": SECRET,
                       "PAYFLUX_REDIS_PASSWORD_FILE": path})
         self.assertEqual(unquote(urlsplit(s.redis_url).password), "from-the-file")
         self.assertIn("REDIS_PASSWORD=<secret> ignored: redis_password_file is set by PAYFLUX_REDIS_PASSWORD_FILE",
@@ -212,7 +212,7 @@ class NumberTests(SynchronousTestCase):
 
 class PrecedenceTests(SynchronousTestCase):
     def test_payflux_names_win(self):
-        env = {"REDIS_ADDR": "go-redis:6379", "PAYFLUX_REDIS_URL": "redis://payflux-redis:6379/1",
+        env = {"REDIS_ADDR": "go-redis:6380", "PAYFLUX_REDIS_URL": "redis://payflux-redis:6380/1",
                "HTTP_ADDR": "127.0.0.1:8089", "PAYFLUX_LISTEN": "tcp:9999",
                "PAYFLUX_INGEST_RPS": "100", "PAYFLUX_RATE_LIMIT": "42",
                "PAYFLUX_INGEST_BURST": "5", "PAYFLUX_RATE_BURST": "43",
@@ -221,8 +221,8 @@ class PrecedenceTests(SynchronousTestCase):
                "PAYFLUX_API_KEY": SECRET}
         s = settings(env)
         self.assertEqual((s.redis_url, s.listen, s.rate_limit, s.rate_burst, s.retention_max_length,
-                          s.retention_max_age), ("redis://payflux-redis:6379/1", "tcp:9999", 42.0, 43, 44, 45.0))
-        self.assertIn("REDIS_ADDR=go-redis:6379 ignored: redis_url is set by PAYFLUX_REDIS_URL", s.legacy_env)
+                          s.retention_max_age), ("redis://payflux-redis:6380/1", "tcp:9999", 42.0, 43, 44, 45.0))
+        self.assertIn("REDIS_ADDR=go-redis:6380 ignored: redis_url is set by PAYFLUX_REDIS_URL", s.legacy_env)
         self.assertIn("HTTP_ADDR=127.0.0.1:8089 ignored: listen is set by PAYFLUX_LISTEN", s.legacy_env)
         self.assertIn("PAYFLUX_INGEST_RPS=100 ignored: rate_limit is set by PAYFLUX_RATE_LIMIT", s.legacy_env)
 
@@ -383,7 +383,7 @@ class NoSecretTests(SynchronousTestCase):
     def test_no_secret_in_any_line_setting_or_error(self):
         alpha, beta, redis_pw, stripe, dsn, gamma = self.SECRETS
         env = {"PAYFLUX_API_KEYS": f"{alpha},{beta}", "PAYFLUX_API_KEY": "ignored-single-secret",
-               "PAYFLUX_REVOKED_KEYS": gamma, "REDIS_ADDR": "h:6379", "REDIS_PASSWORD": redis_pw, "REDIS_TLS": "true",
+               "PAYFLUX_REVOKED_KEYS": gamma, "REDIS_ADDR": "h:6380", "REDIS_PASSWORD": redis_pw, "REDIS_TLS": "true",
                "STRIPE_API_KEY": stripe, "DATABASE_URL": dsn, "HTTP_ADDR": ":8080"}
         logs = capture_logs(self)
         s = settings(env)

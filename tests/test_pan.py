@@ -245,7 +245,7 @@ class DigestsAndIdsTests(SynchronousTestCase):
     def test_timestamps_phones_and_addresses(self):
         for value in (
             "2026-12-02T10:00:00.123456Z", "2026-12-02 10:00:00", "2026-12-02 10:00:00.123456",
-            "+1 415-555-0100", "+44 20 7946 0958", "(415) 555-0100 ext 4111", "10.0.0.1:6379",
+            "+1 415-555-0100", "+44 20 7946 0958", "(415) 555-0100 ext 4111", "10.0.0.1:6380",
             "00:1a:2b:3c:4d:5e", "ab:cd:12:34:56:78:90:12:34:56:78:90", "v1.2.3-rc.4+build.5678",
         ):
             self.assertFalse(candidate_runs_possible(value), value)

@@ -363,7 +363,7 @@ class ConfirmedPrimaryTests(unittest.TestCase):
     def endpoint(self):
         from payflux.redis.sentinel import SentinelEndpoint, SentinelResolver
 
-        target = parse_redis_url("redis+sentinel://127.0.0.1:26379/mymaster")
+        target = parse_redis_url("redis+sentinel://127.0.0.1:27000/mymaster")
         endpoint = SentinelEndpoint(target, SentinelResolver(target, 1.0), 1.0, reactor=None)
 
         class Transport:
@@ -377,21 +377,21 @@ class ConfirmedPrimaryTests(unittest.TestCase):
                 self.payflux_address, self.transport = addr, Transport()
 
         class Factory:
-            pool = [Conn(("10.0.0.1", 6379)), Conn(("10.0.0.2", 6379))]
+            pool = [Conn(("10.0.0.1", 7000)), Conn(("10.0.0.2", 7000))]
 
         endpoint.factory = Factory()
         return endpoint, Factory.pool
 
     def test_confirming_a_new_primary_drops_the_connections_elsewhere(self):
         endpoint, (old, new) = self.endpoint()
-        endpoint.confirmed(("10.0.0.1", 6379))
-        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.1", 6379), 0))
+        endpoint.confirmed(("10.0.0.1", 7000))
+        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.1", 7000), 0))
         self.assertEqual((old.transport.closed, new.transport.closed), (False, True))
         new.transport.closed = False
-        endpoint.confirmed(("10.0.0.2", 6379))  # the failover: a connection to the new one answered master
-        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.2", 6379), 1))
+        endpoint.confirmed(("10.0.0.2", 7000))  # the failover: a connection to the new one answered master
+        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.2", 7000), 1))
         self.assertEqual((old.transport.closed, new.transport.closed), (True, False))
-        endpoint.confirmed(("10.0.0.2", 6379))  # more connections to it: nothing changes
+        endpoint.confirmed(("10.0.0.2", 7000))  # more connections to it: nothing changes
         self.assertEqual(endpoint.switches, 1)
 
     def test_a_connection_refused_by_role_changes_nothing(self):
@@ -400,11 +400,11 @@ class ConfirmedPrimaryTests(unittest.TestCase):
         from payflux.redis.sentinel import primary_only
 
         endpoint, (old, new) = self.endpoint()
-        endpoint.confirmed(("10.0.0.2", 6379))
+        endpoint.confirmed(("10.0.0.2", 7000))
         new.transport.closed = old.transport.closed = False
 
         class Peer:
-            host, port = "10.0.0.1", 6379  # what a sentinel still naming the old primary sent us to
+            host, port = "10.0.0.1", 7000  # what a sentinel still naming the old primary sent us to
 
         class Handler:
             pass
@@ -423,7 +423,7 @@ class ConfirmedPrimaryTests(unittest.TestCase):
         protocol = primary_only(None).__new__(primary_only(None))
         protocol.transport, protocol.password = Transport(), None
         protocol.factory = type("F", (), {"handler": Handler})()
-        protocol.execute_command = lambda *args: succeed(["slave", "10.0.0.2", 6379, "connected", 100])
+        protocol.execute_command = lambda *args: succeed(["slave", "10.0.0.2", 7000, "connected", 100])
         events: list = []
         from twisted.logger import globalLogPublisher
 
@@ -431,8 +431,8 @@ class ConfirmedPrimaryTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         protocol.connectionMade()
         self.assertTrue(protocol.transport.lost)
-        self.assertIn("10.0.0.1:6379 is not a primary", " ".join(formatEvent(e) for e in events))
-        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.2", 6379), 0))
+        self.assertIn("10.0.0.1:7000 is not a primary", " ".join(formatEvent(e) for e in events))
+        self.assertEqual((endpoint.current, endpoint.switches), (("10.0.0.2", 7000), 0))
         self.assertFalse(new.transport.closed)
 
 
