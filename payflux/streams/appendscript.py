@@ -64,6 +64,30 @@ DEDUPE_MAX_BUCKETS = 1 << 24
 #: life, so a Redis clock a little behind the writer's does not make the call stale.
 VIEW_SLACK_MS = 2000
 
+#: The Lua both append scripts run at the end of each segment's checks, before any write: the
+#: segment's reply is its conflicts, or 'full' when it would grow the stream past the cap,
+#: else it is accepted and its new event ids join ``pending`` (what later segments of the same
+#: call see as already appended).  One text, so the two scripts cannot drift.
+_SEGMENT_VERDICT = r"""  if #conflicts > 0 then
+    local r = {'conflict'}
+    for _, i in ipairs(conflicts) do r[#r + 1] = i end
+    replies[s] = r
+  else
+    if cap > 0 and new_count > 0 and len == nil then
+      len = redis.call('XLEN', stream)
+    end
+    if cap > 0 and new_count > 0 and len + growth + new_count > cap then
+      replies[s] = {'full', len + growth}
+    else
+      accepted[s] = true
+      growth = growth + new_count
+      for eid, fp in pairs(first_fp) do pending[eid] = fp end
+    end
+  end
+end
+local added = {}       -- event_id -> stream id appended by this call
+"""
+
 APPEND_SCRIPT = r"""
 -- PayFlux append v3: compact dedupe records (appendscript.py docstring,
 -- docs/stream-format.md).  One partition, one or more segments (one segment =
@@ -222,25 +246,7 @@ for s = 1, nseg do
       end
     end
   end
-  if #conflicts > 0 then
-    local r = {'conflict'}
-    for _, i in ipairs(conflicts) do r[#r + 1] = i end
-    replies[s] = r
-  else
-    if cap > 0 and new_count > 0 and len == nil then
-      len = redis.call('XLEN', stream)
-    end
-    if cap > 0 and new_count > 0 and len + growth + new_count > cap then
-      replies[s] = {'full', len + growth}
-    else
-      accepted[s] = true
-      growth = growth + new_count
-      for eid, fp in pairs(first_fp) do pending[eid] = fp end
-    end
-  end
-end
-local added = {}       -- event_id -> stream id appended by this call
-local order, fields = {}, {}  -- bucket keys in first-write order, key -> {field, value, ...}
+""" + _SEGMENT_VERDICT + r"""local order, fields = {}, {}  -- bucket keys in first-write order, key -> {field, value, ...}
 for s = 1, nseg do
   if accepted[s] then
     local out = {'ok'}
@@ -360,25 +366,7 @@ for s = 1, nseg do
       end
     end
   end
-  if #conflicts > 0 then
-    local r = {'conflict'}
-    for _, i in ipairs(conflicts) do r[#r + 1] = i end
-    replies[s] = r
-  else
-    if cap > 0 and new_count > 0 and len == nil then
-      len = redis.call('XLEN', stream)
-    end
-    if cap > 0 and new_count > 0 and len + growth + new_count > cap then
-      replies[s] = {'full', len + growth}
-    else
-      accepted[s] = true
-      growth = growth + new_count
-      for eid, fp in pairs(first_fp) do pending[eid] = fp end
-    end
-  end
-end
-local added = {}       -- event_id -> stream id appended by this call
-for s = 1, nseg do
+""" + _SEGMENT_VERDICT + r"""for s = 1, nseg do
   if accepted[s] then
     local out = {'ok'}
     for i = starts[s], starts[s + 1] - 1 do
