@@ -133,15 +133,19 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return 0, str(e).encode()
 
 
-def tree_cpu(pid: int) -> float:
-    """User+system CPU seconds of a live process and all its descendants."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A live process and all its descendants ([] once it is gone)."""
     try:
         p = psutil.Process(pid)
-        procs = [p] + p.children(recursive=True)
+        return [p] + p.children(recursive=True)
     except psutil.Error:
-        return 0.0
+        return []
+
+
+def tree_cpu(pid: int) -> float:
+    """User+system CPU seconds of a live process and all its descendants."""
     total = 0.0
-    for q in procs:
+    for q in process_tree(pid):
         try:
             t = q.cpu_times()
             total += t.user + t.system
@@ -380,6 +384,11 @@ def smoke(target: HttpTarget, secret: str) -> list[dict]:
         ("wrong content type", 415,
          lambda: http("POST", url, ev, {**auth, "Content-Type": "text/plain"})),
     ]
+    return run_checks(checks)
+
+
+def run_checks(checks: list) -> list[dict]:
+    """Run ``(name, wanted status, request)`` checks; one result row each."""
     out = []
     for name, want, fn in checks:
         status, body = fn()
@@ -414,12 +423,7 @@ def seed_smoke(target: HttpTarget, secret: str) -> list[dict]:
         ("seed event, wrong key", 401,
          lambda: http("POST", url, ev, {**auth, "Authorization": "Bearer x"})),
     ]
-    out = []
-    for name, want, fn in checks:
-        status, body = fn()
-        out.append({"check": name, "want": want, "got": status, "ok": status == want,
-                    "body": body[:300].decode("utf-8", "replace")})
-    return out
+    return run_checks(checks)
 
 
 def stream_added(rs: RedisServer, key: str) -> int | None:

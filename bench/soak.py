@@ -31,21 +31,17 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import BENCH, SEED_SCRIPT, RedisServer, build_targets, run_wrk  # noqa: E402
+from bench.run import BENCH, SEED_SCRIPT, RedisServer, build_targets, process_tree, run_wrk  # noqa: E402
 
 
 def rss_of_tree(pid: int) -> int:
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
+    """RSS of PayFlux's processes (the supervisor and its workers; an embedded redis-server not counted)."""
     total = 0
-    for p in procs:
+    for p in process_tree(pid):
         try:
             if "redis-server" not in " ".join(p.cmdline()):
                 total += p.memory_info().rss
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     return total
 
