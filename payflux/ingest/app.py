@@ -63,7 +63,7 @@ def json_response(request: Request, status: int, doc: object) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
-def _media_type(content_type: bytes | None) -> str:
+def media_type(content_type: bytes | None) -> str:
     """A Content-Type's media type, lowercased, without parameters ("" when absent)."""
     raw = content_type or b""
     return raw.split(b";", 1)[0].strip().lower().decode("latin-1")
@@ -237,7 +237,7 @@ class IngestApp:
 
     def _ingest(self, request: Request, batch: bool):
         key_id = self.preflight(request)  # ran at the end of the head (IngestSite): its key id
-        d = self.ingest(batch, key_id, _media_type(request.getHeader(b"content-type")), request.content.read())
+        d = self.ingest(batch, key_id, media_type(request.getHeader(b"content-type")), request.content.read())
 
         def accepted(body: bytes) -> bytes:
             request.setResponseCode(202)

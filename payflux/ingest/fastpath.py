@@ -41,10 +41,10 @@ from typing import Callable
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.web.http import parse_qs
+from twisted.web.http import datetimeToString, parse_qs
 from zope.interface import implementer
 
-from payflux.ingest.app import IngestApp
+from payflux.ingest.app import IngestApp, media_type
 from payflux.ingest.errors import ApiError
 
 log = Logger()
@@ -100,8 +100,7 @@ class FastIngestFactory(Factory):
         self._date = b""
 
     def buildProtocol(self, addr):
-        protocol = FastIngestProtocol(self)
-        return protocol
+        return FastIngestProtocol(self)
 
     def startFactory(self) -> None:
         self.site.doStart()
@@ -113,10 +112,8 @@ class FastIngestFactory(Factory):
         """``Date: ...\\r\\n`` for now, formatted once per second."""
         second = int(self.reactor.seconds())
         if second != self._date_second:
-            from email.utils import formatdate
-
             self._date_second = second
-            self._date = b"Date: %s\r\n" % formatdate(second, usegmt=True).encode("ascii")
+            self._date = b"Date: %s\r\n" % datetimeToString(second)
         return self._date
 
 
@@ -279,8 +276,7 @@ class FastIngestProtocol(Protocol):
                 return False
             self.transport.write(_CONTINUE)
         self._buffer = buffer[end + 4:]
-        media = content_type.split(b";", 1)[0].strip(b" \t").lower().decode("latin-1") if content_type else ""
-        self._request = (batch, key_id, media, keep_alive, http10)
+        self._request = (batch, key_id, media_type(content_type), keep_alive, http10)
         self._body_left = length
         self._body_parts = []
         if not length:
