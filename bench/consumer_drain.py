@@ -87,6 +87,7 @@ async def drain(server: RedisProcess, n: int, batch_size: int, concurrency: int)
     acked = metrics.consumers.acked.labels(consumer="drain", group="bench")
     service = ConsumerService(config, load_handler("noop", {}, reactor), redis,
                               lambda: open_read_connection(target, config.block_ms), KEYS, 1, metrics.consumers, reactor)
+    redis0 = redis_cpu(server)
     cpu0 = time.process_time()
     started = time.monotonic()
     service.startService()
@@ -94,9 +95,17 @@ async def drain(server: RedisProcess, n: int, batch_size: int, concurrency: int)
         await task.deferLater(reactor, 0.05, lambda: None)
     elapsed = time.monotonic() - started
     cpu = time.process_time() - cpu0
+    redis_used = redis_cpu(server) - redis0
     await service.stopService()
     await redis.disconnect()
-    return elapsed, cpu
+    return elapsed, cpu, redis_used
+
+
+def redis_cpu(server: RedisProcess) -> float:
+    """The server's own CPU seconds so far (INFO cpu: used_cpu_sys + used_cpu_user)."""
+    info = server.sync_command("INFO", "cpu").decode()
+    return sum(float(line.split(":")[1]) for line in info.splitlines()
+               if line.startswith(("used_cpu_sys:", "used_cpu_user:")))
 
 
 def main() -> None:
@@ -120,16 +129,17 @@ def main() -> None:
         result: dict = {}
 
         async def run() -> None:
-            result["elapsed"], result["cpu"] = await drain(server, args.events, args.batch_size, args.concurrency)
+            result["elapsed"], result["cpu"], result["redis"] = await drain(server, args.events, args.batch_size, args.concurrency)
 
         task.react(lambda _: defer.ensureDeferred(run()))
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-        elapsed, cpu = result["elapsed"], result["cpu"]
+        elapsed, cpu, redis_used = result["elapsed"], result["cpu"], result["redis"]
         pending = server.sync_command("XPENDING", KEYS.events(0), "bench")[0]
         print(f"drained {args.events:,} entries in {elapsed:.2f}s: {args.events / elapsed:,.0f} events/s "
-              f"(consumer process CPU {cpu / elapsed:.0%} of one core; pending after: {pending})")
+              f"(consumer process CPU {cpu / elapsed:.0%} of one core, {cpu / args.events * 1e6:.1f} µs/event; "
+              f"Redis {redis_used / elapsed:.0%}, {redis_used / args.events * 1e6:.1f} µs/event; pending after: {pending})")
     finally:
         server.cleanup()
 
