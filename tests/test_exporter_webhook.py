@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import standardwebhooks
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -42,6 +43,7 @@ from tests.support.consumers import KEYS, RedisFixture, config, wait_for
 from tests.support.redis import _binaries, redis_test_cases
 
 SECRET = "whsec-0123456789abcdef-test"
+STANDARD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example form
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROC = os.path.join(ROOT, "tests", "support", "consumer_proc.py")
 ONE_REDIS = ("7",) if "7" in _binaries() else ("6.2",)  # these tests are about HTTP, not Redis versions
@@ -99,12 +101,21 @@ class Receiver(Resource):
         self.accepted: list[str] = []
         self.hung: list[Any] = []
         self.max_outstanding = 0
+        self.standard: standardwebhooks.Webhook | None = None  # set: verify the Standard Webhooks way instead
 
     def render_POST(self, request: Any) -> Any:
         body = request.content.read()
         timestamp = request.getHeader(signing.TIMESTAMP_HEADER) or ""
-        signed = timestamp.isdigit() and signing.verify(
-            self.secret, int(timestamp), body, request.getHeader(signing.SIGNATURE_HEADER) or "", now=time.time())
+        if self.standard is not None:
+            names = ("webhook-id", "webhook-timestamp", "webhook-signature")
+            try:
+                self.standard.verify(body, {n: request.getHeader(n) or "" for n in names})
+                signed = True
+            except standardwebhooks.WebhookVerificationError:
+                signed = False
+        else:
+            signed = timestamp.isdigit() and signing.verify(
+                self.secret, int(timestamp), body, request.getHeader(signing.SIGNATURE_HEADER) or "", now=time.time())
         self.requests.append(Received(request, body, signed))
         action = self.script.pop(0) if self.script else (self.rule(body) if self.rule else 200)
         if not signed:
@@ -241,6 +252,37 @@ class WebhookTests(ReceiverFixture, unittest.TestCase):
         # stale: a captured request replayed ten minutes later
         stale = int(time.time()) - 600
         self.assertFalse(verify(secret, str(stale), signing.sign(secret, stale, got.body), got.body))
+
+    async def test_standard_webhooks_signatures_verify_with_the_standardwebhooks_library(self):
+        self.receiver.standard = standardwebhooks.Webhook(STANDARD_SECRET)
+        self.receiver.script = [503]
+        exp = self.exporter(signature_scheme="standard_webhooks", secret=STANDARD_SECRET)
+        entries = [entry(i) for i in range(3)]
+        self.clock.advance(0.9)  # so the retry (after 0.25-0.5 s) falls in the next whole second
+        started = self.clock.seconds()
+        handled = exp.handle(entries)
+        await self.retry(3)
+        await handled
+        first, second = self.receiver.requests
+        self.assertTrue(first.signed and second.signed)
+        self.assertEqual(self.receiver.accepted, [e.event_id for e in entries])
+        for got in (first, second):
+            self.assertIsNone(got.request.getHeader(signing.SIGNATURE_HEADER))
+            self.assertIsNone(got.request.getHeader(signing.TIMESTAMP_HEADER))
+            self.assertRegex(got.request.getHeader("webhook-id"), r"^msg_[0-9a-f]{32}$")
+            self.assertRegex(got.request.getHeader("webhook-signature"), r"^v1,[A-Za-z0-9+/]{43}=$")
+        # the retry is the same message (same id) signed afresh (its own timestamp)
+        self.assertEqual(first.request.getHeader("webhook-id"), second.request.getHeader("webhook-id"))
+        self.assertEqual(first.request.getHeader("webhook-timestamp"), str(int(started)))
+        self.assertEqual(second.request.getHeader("webhook-timestamp"), str(int(self.clock.seconds())))
+        self.assertNotEqual(first.request.getHeader("webhook-timestamp"), second.request.getHeader("webhook-timestamp"))
+        headers = {n: second.request.getHeader(n) for n in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+        self.assertEqual(standardwebhooks.Webhook(STANDARD_SECRET).verify(second.body, headers),
+                         json.loads(second.body))
+        with self.assertRaises(standardwebhooks.WebhookVerificationError):
+            standardwebhooks.Webhook(STANDARD_SECRET).verify(second.body.replace(b"evt-0001", b"evt-0009"), headers)
+        with self.assertRaises(standardwebhooks.WebhookVerificationError):
+            standardwebhooks.Webhook("whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB").verify(second.body, headers)
 
     async def test_single_mode_posts_one_event_per_request_with_bounded_in_flight(self):
         exp = self.exporter(mode="single", max_in_flight=2)
@@ -456,6 +498,13 @@ class WebhookTests(ReceiverFixture, unittest.TestCase):
             ({**ok, "headers": ["x"]}, "headers must be a table"),
             ({**ok, "headers": {"X-Signature": 1}}, "headers must be a table"),
             ({**ok, "headers": {"content-type": "text/plain"}}, "headers must not set content-type"),
+            ({**ok, "headers": {"Webhook-Id": "x"}}, "headers must not set Webhook-Id"),
+            ({**ok, "signature_scheme": "svix"}, "signature_scheme must be one of payflux, standard_webhooks"),
+            ({**ok, "signature_scheme": "standard_webhooks"}, "secret: a standard_webhooks secret is 'whsec_'"),
+            ({**ok, "signature_scheme": "standard_webhooks", "secret": "whsec_not*base64*at-all"},
+             "secret: the part after 'whsec_' must be base64"),
+            ({**ok, "signature_scheme": "standard_webhooks", "secret": "whsec_c2hvcnQtc2hvcnQ="},
+             "secret: a standard_webhooks secret must decode to at least 16 bytes"),
         ]
         for options, message in cases:
             with self.assertRaises(ValueError) as caught:
@@ -506,6 +555,18 @@ class SigningTests(unittest.SynchronousTestCase):
         self.assertTrue(signing.verify(secret, ts, body, f"v1={'0' * 64}, {sig}", now=ts))
         with self.assertRaises(ValueError):
             signing.sign(b"", ts, body)
+
+    def test_standard_webhooks_headers_are_what_the_library_computes(self):
+        body = b'{"events":[],"v":1}'
+        key = signing.standard_key(STANDARD_SECRET)
+        headers = signing.standard_headers(key, body, 1700000000.7)
+        self.assertEqual(headers["webhook-id"], "msg_" + hashlib.sha256(body).hexdigest()[:32])
+        self.assertEqual(headers["webhook-timestamp"], "1700000000")
+        from datetime import datetime, timezone
+        expected = standardwebhooks.Webhook(STANDARD_SECRET).sign(
+            headers["webhook-id"], datetime.fromtimestamp(1700000000, timezone.utc), body.decode())
+        self.assertEqual(headers["webhook-signature"], expected)
+        self.assertEqual(signing.standard_key("whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB"), b"A" * 24)
 
 
 class WebhookRuntimeMixin(ReceiverFixture, RedisFixture):

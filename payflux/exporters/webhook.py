@@ -9,7 +9,9 @@ Bodies (``Content-Type: application/json``, canonical JSON: sorted keys, no whit
 ``<record>`` is :func:`payflux.exporters.records.export_record`: ``v``, ``stream_id``,
 ``partition``, ``event_id``, ``type``, ``received_at`` (epoch ms) and ``event``, the same object
 as a line of the file exporter.  Every request carries ``X-PayFlux-Timestamp`` and
-``X-PayFlux-Signature`` (:mod:`payflux.exporters.signing`; signed afresh for every attempt).
+``X-PayFlux-Signature`` (:mod:`payflux.exporters.signing`; signed afresh for every attempt), or
+with ``signature_scheme = "standard_webhooks"`` the Standard Webhooks headers ``webhook-id``,
+``webhook-timestamp`` and ``webhook-signature`` instead (the secret then in ``whsec_`` form).
 
 Outcomes of one request:
 
@@ -48,11 +50,15 @@ from payflux.consumers.handlers import EntriesFailed, Entry
 from payflux.events import canonical_json
 from payflux.exporters.records import FORMAT_VERSION, export_record
 from payflux.exporters.metrics import ExporterStats
-from payflux.exporters.signing import signed_headers
+from payflux.exporters.signing import (
+    STANDARD_ID_HEADER, STANDARD_SIGNATURE_HEADER, STANDARD_TIMESTAMP_HEADER, signed_headers, standard_headers,
+    standard_key,
+)
 
 log = Logger()
 
 MODES = ("batch", "single")
+SIGNATURE_SCHEMES = ("payflux", "standard_webhooks")
 RETRYABLE_STATUSES = frozenset({408, 429})  # plus every 5xx
 SPLIT_STATUSES = frozenset({400, 413, 422})  # a batch rejected with these is retried event by event
 USER_AGENT = "PayFlux-Webhook/1"
@@ -147,7 +153,9 @@ class WebhookExporter:
     at least 16 bytes), ``mode`` (``"batch"`` | ``"single"``), ``timeout`` (seconds per
     request, default 10), ``max_in_flight`` (default 4), ``retry_initial`` (0.5 s),
     ``retry_max`` (30 s), ``max_retry_time`` (30 s; 0 = no retries), ``headers`` (extra request
-    headers, e.g. an Authorization for a gateway in front of the receiver).
+    headers, e.g. an Authorization for a gateway in front of the receiver), ``signature_scheme``
+    (``"payflux"``: X-PayFlux-Signature, the default; ``"standard_webhooks"``: webhook-id,
+    webhook-timestamp and webhook-signature, with a ``whsec_<base64>`` secret).
     ``client`` (a treq ``HTTPClient``) is for tests and embedding, not for the config file.
     """
 
@@ -166,6 +174,7 @@ class WebhookExporter:
         retry_max: Any = 30.0,
         max_retry_time: Any = 30.0,
         headers: Any = None,
+        signature_scheme: Any = "payflux",
         client: Any = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -178,7 +187,19 @@ class WebhookExporter:
             parts.port
         except ValueError:
             raise ValueError(f"url has an invalid port: {redact_url(url)!r}") from None
-        self._secret = _read_secret(secret, secret_file)
+        if signature_scheme not in SIGNATURE_SCHEMES:
+            raise ValueError(f"signature_scheme must be one of {', '.join(SIGNATURE_SCHEMES)}, not {signature_scheme!r}")
+        if signature_scheme == "standard_webhooks":
+            raw = _read_secret(secret, secret_file)
+            try:
+                self._secret = standard_key(raw.decode("utf-8", "replace"))
+            except ValueError as e:
+                raise ValueError(f"{'secret' if secret is not None else 'secret_file'}: {e}") from None
+            self._sign = standard_headers
+        else:
+            self._secret = _read_secret(secret, secret_file)
+            self._sign = signed_headers
+        self.signature_scheme = signature_scheme
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.timeout = _number("timeout", timeout, 0, 600)
@@ -192,7 +213,8 @@ class WebhookExporter:
         extra = dict(headers or {}) if isinstance(headers, dict) or headers is None else None
         if extra is None or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
             raise ValueError("headers must be a table of header names to string values")
-        reserved = {"content-type", "content-length", "host", "x-payflux-signature", "x-payflux-timestamp"}
+        reserved = {"content-type", "content-length", "host", "x-payflux-signature", "x-payflux-timestamp",
+                    STANDARD_ID_HEADER, STANDARD_TIMESTAMP_HEADER, STANDARD_SIGNATURE_HEADER}
         clash = sorted(k for k in extra if k.lower() in reserved)
         if clash:
             raise ValueError(f"headers must not set {', '.join(clash)} (set by the exporter)")
@@ -312,7 +334,7 @@ class WebhookExporter:
         if self._closed:
             raise _Retry("exporter closed")
         headers = Headers({"Content-Type": ["application/json"], "User-Agent": [USER_AGENT]})
-        for name, value in {**self._extra_headers, **signed_headers(self._secret, body, self.reactor.seconds())}.items():
+        for name, value in {**self._extra_headers, **self._sign(self._secret, body, self.reactor.seconds())}.items():
             headers.setRawHeaders(name, [value])
 
         async def exchange() -> tuple[int, Headers, bytes]:
