@@ -11,6 +11,14 @@ Risk consumer benchmark: detector throughput and time-to-alert (docs/risk.md, "P
 4. time-to-alert: one processor at 1,000 events/s (plus two quieter ones), 300 s at 5%
    failures, then 40% from a random point inside a second; stream seconds from the spike's
    start to the failure_rate_spike alert on that processor, over ``--seeds`` seeds.
+5. processor health (``--health-seeds``, 0 = skip): per seed and incident kind (failure_spike,
+   retry_storm, timeout_cluster), steady noisy traffic on 3 processors (300/150/60 events/s,
+   rates and probabilities jittered ±20% per second) for ``--steady-seconds``, then the incident
+   on one processor (drawn per seed) for ``--incident-seconds``, RiskEngine driven directly at
+   stream time.  Reports the stream seconds from the incident's start to that processor's band
+   reaching high (median, p90, max), the share detected within the incident, and the false
+   alarms per hour of steady traffic (a processor entering band >= high before the incident,
+   after the first ``health.warmup_seconds``).
 
 Traffic (1-3): 3 processors (60/30/10% of events), 10,000 merchants (Zipf-like), 5 geos,
 4 failure categories and 3 failure origins, 5% failures, 3% retries (with their
@@ -18,7 +26,8 @@ Traffic (1-3): 3 processors (60/30/10% of events), 10,000 merchants (Zipf-like),
 the stored shape of the seed's schema (docs/events.md; optional fields absent).
 
 Usage: python bench/risk.py [--events 1000000] [--rate 5000] [--batch 500] [--rounds 3]
-                            [--runtime-events 200000] [--seeds 20]
+                            [--runtime-events 200000] [--seeds 20] [--health-seeds 20]
+                            [--steady-seconds 300] [--incident-seconds 60]
 Run from the repository root.
 """
 
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import socket
@@ -210,6 +220,116 @@ def time_to_alert(seed: int) -> float | None:
     return None
 
 
+HEALTH_RATES = {"stripe": 300, "adyen": 150, "checkout": 60}
+HEALTH_GEOS = ("US", "EU-west", "GB", "BR", "IN")
+HEALTH_CATEGORIES = ("insufficient_funds", "do_not_honor", "processor_timeout", "fraud_suspected")
+INCIDENTS = ("failure_spike", "retry_storm", "timeout_cluster")
+
+
+def _health_second(rng: random.Random, e: RiskEngine, t0: int, p: str, rate: int, incident: str | None,
+                   count: list[int]) -> None:
+    """One stream second of ``p``'s traffic (jittered ±20%), with ``incident`` if not None:
+    failure_spike 5% -> 25% failures; retry_storm 3% -> 25% retries, 70% of them failing;
+    timeout_cluster 8 points of extra failures, all processor_timeout."""
+    jitter = rng.uniform
+    n = max(1, round(rate * jitter(0.8, 1.2)))
+    fail = 0.05 * jitter(0.8, 1.2)
+    retry = 0.03 * jitter(0.8, 1.2)
+    retry_fail = fail
+    extra_timeouts = 0.0
+    if incident == "failure_spike":
+        fail = 0.25
+    elif incident == "retry_storm":
+        retry, retry_fail = 0.25, 0.7
+    elif incident == "timeout_cluster":
+        extra_timeouts = 0.08
+    step = 1000 / n
+    for j in range(n):
+        count[0] += 1
+        i = count[0]
+        is_retry = rng.random() < retry
+        u = rng.random()
+        failed = u < (retry_fail if is_retry else fail) + extra_timeouts
+        ev = {"event_type": "payment_failed" if failed else "payment_succeeded", "processor": p,
+              "merchant_id_hash": f"mer_{min(int(rng.paretovariate(1.2)), 5000):05d}",
+              "geo_bucket": HEALTH_GEOS[int(rng.random() * 5)], "payment_intent_id_hash": f"pi_{i:010d}",
+              "retry_count": 1 if is_retry else 0}
+        if is_retry:
+            ev["retry_result"] = "failed" if failed else "success"
+        if failed:
+            timeout = u >= (retry_fail if is_retry else fail)  # one of the extra failures
+            ev["failure_category"] = "processor_timeout" if timeout else HEALTH_CATEGORIES[i % 4]
+            ev["failure_origin"] = "processor" if timeout else "issuer"
+        e.observe(ev, t0 + int(j * step))
+
+
+def health_run(seed: int, kind: str, steady: int, length: int) -> tuple[float | None, int, float, float]:
+    """``(seconds to band >= high on the incident's processor or None, false alarms, steady seconds
+    measured, highest score of any processor in them)``."""
+    rng = random.Random(seed * 7919 + INCIDENTS.index(kind))
+    e = RiskEngine()
+    health = e.health
+    assert health is not None
+    target = rng.choice(list(HEALTH_RATES))
+    start_ms = T0 + steady * 1000 + rng.randrange(1000)
+    warmup = health.config.warmup_seconds
+    count = [0]
+    alarms = 0
+    worst = 0.0
+    hot: set[str] = set()
+    for second in range(steady + length + 1):
+        t0 = T0 + second * 1000
+        for p, rate in HEALTH_RATES.items():
+            # the incident starts inside its first second: that second is part normal, part incident
+            if p == target and second == steady:
+                cut = start_ms - t0
+                _health_second(rng, e, t0, p, round(rate * cut / 1000), None, count)
+                _health_second(rng, e, start_ms, p, round(rate * (1000 - cut) / 1000), kind, count)
+            else:
+                _health_second(rng, e, t0, p, rate, kind if p == target and second > steady else None, count)
+        e.advance(t0 + 1000)  # closes this second; health.results is as of its end
+        now = {p for p, r in health.results.items() if r["band"] in ("high", "critical")}
+        if warmup <= second < steady:
+            alarms += len(now - hot)
+            worst = max([worst] + [r["score"] for r in health.results.values()])
+        elif second >= steady and target in now:
+            return (t0 + 1000 - start_ms) / 1000, alarms, steady - warmup, worst
+        hot = now
+    return None, alarms, steady - warmup, worst
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def bench_health(seeds: int, steady: int, length: int) -> None:
+    total_alarms = 0
+    total_seconds = 0.0
+    worst = 0.0
+    started = time.perf_counter()
+    print(f"health: {seeds} seeds x {len(INCIDENTS)} incident kinds, {steady} s steady + {length} s incident, "
+          f"3 processors at {'/'.join(str(r) for r in HEALTH_RATES.values())} events/s")
+    for kind in INCIDENTS:
+        delays = []
+        for seed in range(seeds):
+            delay, alarms, seconds, top = health_run(seed, kind, steady, length)
+            worst = max(worst, top)
+            total_alarms += alarms
+            total_seconds += seconds
+            if delay is not None:
+                delays.append(delay)
+        if delays:
+            print(f"health {kind:16s}: detected {len(delays)}/{seeds} ({len(delays) / seeds:.0%}), time to band high "
+                  f"median {statistics.median(delays):.2f} s, p90 {_pct(delays, 0.9):.2f} s, max {max(delays):.2f} s")
+        else:
+            print(f"health {kind:16s}: detected 0/{seeds}")
+    hours = total_seconds / 3600
+    print(f"health false alarms: {total_alarms} in {hours:.2f} h of steady traffic (3 processors) = "
+          f"{total_alarms / hours if hours else 0:.2f} per hour; highest steady score {worst:.4f} "
+          f"({time.perf_counter() - started:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -218,9 +338,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtime-events", type=int, default=200_000)
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--health-seeds", type=int, default=20, help="processor health seeds (0: skip)")
+    parser.add_argument("--steady-seconds", type=int, default=300, help="steady traffic before each incident")
+    parser.add_argument("--incident-seconds", type=int, default=60)
     args = parser.parse_args()
     print(f"command: python bench/risk.py --events {args.events} --rate {args.rate} --batch {args.batch} "
-          f"--rounds {args.rounds} --runtime-events {args.runtime_events} --seeds {args.seeds}")
+          f"--rounds {args.rounds} --runtime-events {args.runtime_events} --seeds {args.seeds} "
+          f"--health-seeds {args.health_seeds} --steady-seconds {args.steady_seconds} "
+          f"--incident-seconds {args.incident_seconds}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
     events = traffic(args.events, args.rate)
     span = (events[-1][0] - events[0][0]) / 1000
@@ -244,6 +369,8 @@ def main() -> None:
               f"median {statistics.median(found):.3f} s, max {found[-1]:.3f} s, missed {missed}")
     else:
         print(f"time-to-alert: no alert in any of {args.seeds} seeds")
+    if args.health_seeds:
+        bench_health(args.health_seeds, args.steady_seconds, args.incident_seconds)
 
 
 if __name__ == "__main__":

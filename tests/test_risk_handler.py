@@ -74,16 +74,21 @@ def sample(metrics: Any, name: str, **labels: str) -> float | None:
 
 
 class RecordingRedis:
-    """Records XADDs; ``failures`` makes the next N commands fail like a lost connection."""
+    """Records XADDs (``commands``) and the health snapshot's SETs (``sets``, tests/test_risk_health.py);
+    ``failures`` makes the next N commands fail like a lost connection."""
 
     def __init__(self) -> None:
         self.commands: list[tuple] = []
+        self.sets: list[tuple] = []
         self.failures = 0
 
     def execute_command(self, *args: Any) -> defer.Deferred:
         if self.failures:
             self.failures -= 1
             return defer.fail(txredisapi.ConnectionError("Not connected"))
+        if args[0] == "SET":
+            self.sets.append(args)
+            return defer.succeed("OK")
         self.commands.append(args)
         return defer.succeed(f"{len(self.commands)}-0")
 

@@ -30,6 +30,9 @@ CLUSTER_DIMENSIONS = ("failure_category", "geo_bucket", "failure_origin")
 #: (event types are stored as the processor names them; docs/risk.md, "What counts as a failure").
 FAILURE_EVENT_TYPES = ("payment_failed", "payment_intent.payment_failed", "charge.failed")
 SUCCESS_EVENT_TYPES = ("payment_succeeded", "payment_intent.succeeded", "charge.succeeded")
+#: ``retry_result`` values (compared lower-cased) that say the attempt failed / succeeded.
+FAILED_RESULTS = frozenset(("failed", "fail", "failure", "declined"))
+SUCCEEDED_RESULTS = frozenset(("success", "succeeded", "successful", "approved"))
 MIN_SECRET_BYTES = 16  # as the webhook exporter requires
 _EVENT_TYPE = re.compile(STRING_FIELDS["event_type"][1]).fullmatch  # the rule ingest applies to event_type
 _STREAM_KEY = re.compile(r"^\S{1,256}$")
@@ -85,6 +88,57 @@ class FailureClusterConfig:
     rule: RateRule
 
 
+#: Defaults of health.timeout_categories / health.auth_categories (failure_category values,
+#: compared lower-cased; docs/risk.md, "Processor health").
+TIMEOUT_CATEGORIES = ("timeout", "processor_timeout", "network_timeout", "issuer_timeout", "gateway_timeout",
+                      "connection_timeout", "read_timeout", "request_timeout")
+AUTH_CATEGORIES = ("card_declined", "do_not_honor", "generic_decline", "authentication_required",
+                   "authentication_failed", "three_d_secure_failed", "incorrect_cvc", "invalid_cvc",
+                   "incorrect_pin", "invalid_pin", "expired_card", "pickup_card", "restricted_card")
+
+
+@attrs.frozen
+class HealthConfig:
+    """Processor health (payflux/risk/health.py; docs/risk.md, "Processor health")."""
+
+    enabled: bool
+    window_seconds: int
+    min_events: int                 # outcomes in the window (and in the baseline) before a key is scored
+    min_failures: int               # failures in the window (and baseline) before the failure-mix drivers count
+    warmup_seconds: int
+    baseline_half_life_seconds: float
+    confidence_z: float
+    top_n: int                      # merchants and geos scored per processor (by window volume)
+    trajectory_seconds: int
+    trajectory_dead_band: float     # score change per second under which the trajectory is "steady"
+    elevated: float
+    high: float
+    critical: float
+    timeout_categories: frozenset[str]
+    auth_categories: frozenset[str]
+
+    @property
+    def decay(self) -> float:
+        return 0.5 ** (1.0 / self.baseline_half_life_seconds)
+
+
+@attrs.frozen
+class RetryInsightConfig:
+    """Retry success per processor x failure_category (payflux/risk/health.py; docs/risk.md, "Retry insight")."""
+
+    enabled: bool
+    window_seconds: int
+    min_samples: int
+    confidence_z: float
+    avoid_below: float              # advice "avoid": the rate's Wilson upper bound is under this
+    wait_fraction: float            # advice "wait": the upper bound is under baseline x this
+    baseline_half_life_seconds: float
+
+    @property
+    def decay(self) -> float:
+        return 0.5 ** (1.0 / self.baseline_half_life_seconds)
+
+
 @attrs.frozen
 class EngineConfig:
     """Everything the pure detector core needs (no I/O settings)."""
@@ -97,6 +151,8 @@ class EngineConfig:
     failure_rate: FailureRateConfig
     retry_storm: RetryStormConfig
     failure_cluster: FailureClusterConfig
+    health: HealthConfig
+    retry_insight: RetryInsightConfig
 
 
 @attrs.frozen
@@ -184,6 +240,12 @@ class _Options:
             raise self.fail(key, f"must be a non-empty list of distinct names from: {', '.join(allowed)}")
         return tuple(v)
 
+    def categories(self, key: str, default: tuple[str, ...]) -> frozenset[str]:
+        v = self.get(key, list(default))
+        if not isinstance(v, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in v):
+            raise self.fail(key, "must be a list of failure_category values (non-empty strings)")
+        return frozenset(c.lower() for c in v)
+
     def table_of(self, key: str) -> "_Options":
         return _Options(self.get(key, {}), f"{self.name(key)}.")
 
@@ -217,6 +279,48 @@ def _rule(opts: _Options, detector: str) -> RateRule:
         raise opts.fail("min_increase", "must be above 0 when ratio is 1 and "
                                         f"{floor_name} is 0 (the rule would fire on its own baseline)")
     return rule
+
+
+def _health(opts: _Options) -> HealthConfig:
+    bands = {}
+    for name, default in (("elevated", 0.3), ("high", 0.6), ("critical", 0.8)):
+        v = opts.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+            raise opts.fail(name, "must be a number above 0 and below 1")
+        bands[name] = float(v)
+    elevated, high, critical = bands["elevated"], bands["high"], bands["critical"]
+    if not elevated < high:
+        raise opts.fail("high", f"must be above {opts.name('elevated')} ({elevated:g})")
+    if not high < critical:
+        raise opts.fail("critical", f"must be above {opts.name('high')} ({high:g})")
+    window = opts.int("window_seconds", 10, 1, 3600)
+    return HealthConfig(
+        enabled=opts.bool("enabled", True),
+        window_seconds=window,
+        min_events=opts.int("min_events", 100, 1, 10_000_000),
+        min_failures=opts.int("min_failures", 20, 1, 10_000_000),
+        warmup_seconds=opts.int("warmup_seconds", 60, 0, 86_400),
+        baseline_half_life_seconds=opts.number("baseline_half_life_seconds", 600.0, 1.0, 30 * 86_400.0),
+        confidence_z=opts.number("confidence_z", 3.0, 0.0, 10.0),
+        top_n=opts.int("top_n", 10, 0, 1000),
+        trajectory_seconds=opts.int("trajectory_seconds", 10, 2, 3600),
+        trajectory_dead_band=opts.number("trajectory_dead_band", 0.01, 0.0, 1.0),
+        elevated=elevated, high=high, critical=critical,
+        timeout_categories=opts.categories("timeout_categories", TIMEOUT_CATEGORIES),
+        auth_categories=opts.categories("auth_categories", AUTH_CATEGORIES),
+    )
+
+
+def _retry_insight(opts: _Options) -> RetryInsightConfig:
+    return RetryInsightConfig(
+        enabled=opts.bool("enabled", True),
+        window_seconds=opts.int("window_seconds", 60, 1, 3600),
+        min_samples=opts.int("min_samples", 20, 1, 10_000_000),
+        confidence_z=opts.number("confidence_z", 2.0, 0.0, 10.0),
+        avoid_below=opts.number("avoid_below", 0.1, 0.0, 1.0),
+        wait_fraction=opts.number("wait_fraction", 0.5, 0.0, 1.0),
+        baseline_half_life_seconds=opts.number("baseline_half_life_seconds", 600.0, 1.0, 30 * 86_400.0),
+    )
 
 
 def _secret(opts: _Options) -> bytes | None:
@@ -285,6 +389,13 @@ def parse_options(options: dict) -> RiskConfig:
     )
     fc.done()
 
+    ht = top.table_of("health")
+    health = _health(ht)
+    ht.done()
+    ri = top.table_of("retry_insight")
+    retry_insight = _retry_insight(ri)
+    ri.done()
+
     stream = top.get("alerts_stream", None)
     if stream is not None and (not isinstance(stream, str) or not _STREAM_KEY.match(stream)):
         raise top.fail("alerts_stream", "must be a Redis key without whitespace (1 to 256 characters)")
@@ -297,7 +408,8 @@ def parse_options(options: dict) -> RiskConfig:
 
     config = RiskConfig(
         engine=EngineConfig(max_keys=caps, failure_rate=failure_rate, retry_storm=retry_storm,
-                            failure_cluster=failure_cluster, **types),
+                            failure_cluster=failure_cluster, health=health, retry_insight=retry_insight,
+                            **types),
         alerts_stream=stream,
         alerts_maxlen=top.int("alerts_maxlen", 10_000, 100, 100_000_000),
         outbox_max=top.int("outbox_max", 10_000, 1, 10_000_000),

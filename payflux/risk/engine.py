@@ -20,6 +20,10 @@ Stream clock: ``now_ms`` is the largest time seen.  An event older than that is 
 current bucket (no reordering, nothing dropped); buckets close in order when the clock passes
 them.  After a gap in which no key has anything left in any window, the empty seconds are
 skipped in one step (baselines decay by the gap when their key is seen again).
+
+Processor health and retry insight (``health``, a :class:`payflux.risk.health.HealthTracker`;
+None with ``health.enabled = false``) are fed the same classified events and closed after the
+detectors in the same seconds; they emit no transitions (the handler publishes their snapshot).
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from collections import Counter
 from typing import Any
 
 from payflux.risk.alerts import CONSUMER_STOPPED, Transition
-from payflux.risk.config import EngineConfig, parse_options
+from payflux.risk.config import (  # noqa: F401 (FAILED_RESULTS, SUCCEEDED_RESULTS: re-exported)
+    FAILED_RESULTS, SUCCEEDED_RESULTS, EngineConfig, parse_options,
+)
 from payflux.risk.detectors import FailureClusterDetector, FailureRateDetector, RetryStormDetector
+from payflux.risk.health import HealthTracker
 from payflux.risk.windows import BUCKET_MS
 
-#: ``retry_result`` values (compared lower-cased) that say the attempt failed / succeeded.
-FAILED_RESULTS = frozenset(("failed", "fail", "failure", "declined"))
-SUCCEEDED_RESULTS = frozenset(("success", "succeeded", "successful", "approved"))
 #: ``failure_origin`` values (lower-cased) that are their own label of
 #: ``payflux_risk_failures_total{origin}``; any other value is "other", none sent is "none".
 ORIGINS = ("processor", "network", "issuer", "merchant", "customer")
@@ -61,6 +65,8 @@ class RiskEngine:
         self.failure_cluster = (FailureClusterDetector(c.failure_cluster, caps, emit, now)
                                 if c.failure_cluster.enabled else None)
         self.detectors: list[Any] = [d for d in (self.failure_rate, self.retry_storm, self.failure_cluster) if d]
+        self.health = (HealthTracker(c.health, c.retry_insight if c.retry_insight.enabled else None, caps)
+                       if c.health.enabled else None)
         self._failure = c.failure_event_types
         self._success = c.success_event_types
         self._retry = c.retry_event_types
@@ -112,6 +118,8 @@ class RiskEngine:
             self.retry_storm.observe(event, processor, failed, retry and not worked, retry_count, t_ms, b)
         if self.failure_cluster is not None and failed:
             self.failure_cluster.observe(event, processor, b)
+        if self.health is not None:
+            self.health.observe(event, processor, failed, failed or worked or kind in self._success, retry, b)
 
     def advance(self, t_ms: int) -> None:
         """Move the stream clock to ``t_ms`` without an event (a quiet stream); never backwards."""
@@ -129,12 +137,17 @@ class RiskEngine:
         """Close buckets ``self.bucket .. b-1`` in order; skip a stretch in which nothing is live."""
         cur = self.bucket
         detectors = self.detectors
+        health = self.health
         while cur < b:  # type: ignore[operator]
             for d in detectors:
                 d.close(cur)
+            if health is not None:
+                health.close(cur)
             cur += 1  # type: ignore[operator]
-            if cur < b and not any(d.busy(cur) for d in detectors):
+            if cur < b and not any(d.busy(cur) for d in detectors) and not (health and health.busy(cur)):
                 cur = b
+        if health is not None:
+            health.closed = b - 1  # skipped seconds were empty: its (empty) results hold for them too
         self.bucket = b
 
     def take(self) -> list[Transition]:
@@ -187,4 +200,6 @@ class RiskEngine:
         if self.failure_cluster is not None:
             out += [("failure_cluster", "processor", self.failure_cluster.parents)]
             out += [("failure_cluster", dim, t) for dim, t in self.failure_cluster.children]
+        if self.health is not None:
+            out += [(detector, dim, t) for detector, dim, t in self.health.tables()]
         return out

@@ -8,6 +8,12 @@ The families are registered once per registry.  Label values are bounded: ``proc
 processor cardinality cap (a processor's series is removed when it leaves the window or is
 evicted), ``type``/``severity``/``reason``/``sink``/``detector``/``dimension``/``origin`` by
 fixed sets (``origin``: :data:`payflux.risk.engine.ORIGINS`, ``other``, ``none``).
+The health families (``payflux_risk_processor_*``) carry ``processor`` (the health processor
+table's cap; a processor's series are removed when it leaves the health window), ``band`` and
+``driver`` (fixed sets: :data:`payflux.risk.health.BANDS`, :data:`~payflux.risk.health.DRIVERS`);
+``payflux_risk_retry_success_rate`` carries ``processor`` × ``failure_category`` pairs, at most
+``max_keys.failure_category`` of them (a pair's series is removed when it has no retry in the
+retry_insight window).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from payflux.risk.alerts import ALERT_TYPES, ESCALATE, OPEN, RESOLVE, Transition
+from payflux.risk.health import BANDS
 
 _FAMILIES: "weakref.WeakKeyDictionary[CollectorRegistry, _Families]" = weakref.WeakKeyDictionary()
 
@@ -64,6 +71,19 @@ class _Families:
         self.dropped = Counter("payflux_risk_alerts_dropped",
                                "Alert transitions given up on (queue full or attempts exhausted).",
                                c + ["sink"], registry=r)
+        self.processor_score = Gauge("payflux_risk_processor_score",
+                                     "Processor health score, 0 (healthy) to 1 (docs/risk.md, \"Processor health\").",
+                                     c + ["processor"], registry=r)
+        self.processor_band = Gauge("payflux_risk_processor_band",
+                                    "1 for the processor's current health band (low, elevated, high, critical), "
+                                    "0 for the others.", c + ["processor", "band"], registry=r)
+        self.processor_driver = Gauge("payflux_risk_processor_driver",
+                                      "What each named driver contributes to the processor's health score.",
+                                      c + ["processor", "driver"], registry=r)
+        self.retry_success_rate = Gauge("payflux_risk_retry_success_rate",
+                                        "Share of retries (retry_count > 0 with a retry_result) that succeeded, "
+                                        "per processor and failure_category, over the retry_insight window.",
+                                        c + ["processor", "failure_category"], registry=r)
 
 
 def _families(registry: CollectorRegistry) -> _Families:
@@ -86,6 +106,9 @@ class RiskMetrics:
         self._ignored = 0
         self._failures: dict[str, int] = {}
         self._suppressed = 0
+        self._health_at: int | None = None        # the health second last mirrored
+        self._health_processors: dict[str, list[str]] = {}  # processor -> its driver names
+        self._retry_pairs: set[tuple[str, str]] = set()
         for t in ALERT_TYPES:
             self.f.active.labels(consumer, t).set(0)
 
@@ -127,6 +150,42 @@ class RiskMetrics:
             self._suppressed = _add(f.suppressed.labels(c), engine.retry_storm.suppressed, self._suppressed)
         if engine.now_ms is not None:
             f.stream_time.labels(c).set(engine.now_ms / 1000)
+        health = getattr(engine, "health", None)
+        if health is not None and health.closed != self._health_at:
+            self._health_at = health.closed
+            self._update_health(health)
+
+    def _update_health(self, health: Any) -> None:
+        """Mirror the processors' scores (every closed second) and the retry success rates."""
+        f, c = self.f, self.consumer
+        results = health.results
+        for p in self._health_processors.keys() - results.keys():
+            f.processor_score.remove(c, p)
+            for band in BANDS:
+                f.processor_band.remove(c, p, band)
+            for name in self._health_processors[p]:
+                f.processor_driver.remove(c, p, name)
+        seen = {}
+        for p, r in results.items():
+            f.processor_score.labels(c, p).set(r["score"])
+            for band in BANDS:
+                f.processor_band.labels(c, p, band).set(1 if band == r["band"] else 0)
+            names = []
+            for d in r["drivers"]:
+                f.processor_driver.labels(c, p, d["name"]).set(d["contribution"])
+                names.append(d["name"])
+            seen[p] = names
+        self._health_processors = seen
+        pairs = set()
+        for row in health.retry_rows():
+            if row["retry_success_rate"] is None:
+                continue
+            key = (row["processor"], row["failure_category"])
+            f.retry_success_rate.labels(c, *key).set(row["retry_success_rate"])
+            pairs.add(key)
+        for key in self._retry_pairs - pairs:
+            f.retry_success_rate.remove(c, *key)
+        self._retry_pairs = pairs
 
     def delivery_failed(self, sink: str) -> None:
         self.f.delivery_failed.labels(self.consumer, sink).inc()
