@@ -15,6 +15,9 @@ The ``payflux`` operator command.
   flagged by ``group_idle_warning``); delete one nobody uses (refused while it has lag, pending
   entries or recent readers, unless ``--force``).
 - ``payflux dlq list|replay|purge``: inspect, re-append or delete dead letters.
+- ``payflux risk report [--since T]``: per alert type, from the alert store: alerts raised,
+  outcomes recorded, the share followed by a processor action, the median and p90 lead time,
+  alerts with no outcome (docs/risk.md, "Lead time and the risk report").
 - ``payflux --help`` lists every command with one line each; ``payflux --version`` prints the
   installed version; an unknown command is one line and exit 2.
 
@@ -75,7 +78,7 @@ def _check_config(argv: Sequence[str]) -> int:
     print("configuration OK")
     for option in OPTIONS:
         value = getattr(settings, option.name)
-        if option.name == "api_keys":
+        if option.name in ("api_keys", "admin_keys"):
             value = ", ".join(k.key_id for k in value) or "(none)"
             print(f"  {option.name:22} ids: {value}")
             continue
@@ -408,8 +411,74 @@ def _dlq(argv: Sequence[str]) -> int:
         return action(args, redis, keys, partitions)
 
 
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since_ms(text: str | None, now: float) -> int | None:
+    """``--since``: RFC 3339, or a duration ago (``90s``, ``30m``, ``24h``, ``7d``); None = everything."""
+    from payflux.risk.store import rfc3339_ms
+
+    if text is None:
+        return None
+    value = text.strip()
+    unit = value[-1:].lower()
+    if unit in _DURATION and value[:-1].isdigit() and len(value) <= 12:
+        return int((now - int(value[:-1]) * _DURATION[unit]) * 1000)
+    try:
+        return rfc3339_ms(value)
+    except ValueError:
+        raise CommandError(f"--since must be an RFC 3339 time (2026-01-06T00:00:00Z) or a duration such as "
+                           f"30m, 24h or 7d, got {text!r}", 2) from None
+
+
+def _lead(seconds: float | None) -> str:
+    return "-" if seconds is None else ("-" + _age(-seconds) if seconds < 0 else _age(seconds))
+
+
+def _risk_report(args: argparse.Namespace) -> int:
+    from payflux.redis.steps import run_sync
+    from payflux.risk.alerts import iso_ms
+    from payflux.risk.report import summarize
+    from payflux.risk.store import AlertKeys, since_steps
+
+    now = time.time()
+    since = _since_ms(args.since, now)
+    settings = _settings(args)
+    redis, _, _ = _connect(args, settings)
+    with redis:
+        docs = run_sync(since_steps(AlertKeys(settings.stream_prefix), since), redis.command)
+    report = summarize(docs)
+    if args.json:
+        print(json.dumps({"since": None if since is None else iso_ms(since), "generated_at": iso_ms(int(now * 1000)),
+                          **report}, indent=2))
+        return 0
+    scope = "every stored alert" if since is None else f"alerts opened since {iso_ms(since)}"
+    print(f"risk report: {scope} (retention {settings.alerts_retention_days} days)")
+    rows = [["type", "alerts", "outcomes", "followed by action", "share", "lead time median", "lead time p90",
+             "no outcome"]]
+    for name, r in [*report["by_type"].items(), ("all", report["all"])]:
+        share = "-" if r["action_share"] is None else f"{r['action_share'] * 100:.0f}%"
+        rows.append([name, str(r["alerts"]), str(r["outcomes"]), str(r["followed_by_action"]), share,
+                     _lead(r["lead_time_median_seconds"]), _lead(r["lead_time_p90_seconds"]), str(r["no_outcome"])])
+    print("\n".join(_table(rows)))
+    print("lead time: from an alert opening to the first processor action recorded for it (an outcome other "
+          "than none)")
+    return 0
+
+
+def _risk(argv: Sequence[str]) -> int:
+    parser = _redis_parser("payflux risk", "Lead time and precision of the risk consumer's alerts, from the "
+                                           "alert store.")
+    parser.add_argument("action", choices=["report"])
+    parser.add_argument("--since", help="alerts opened at or after this: RFC 3339 (2026-01-06T00:00:00Z) or a "
+                                        "duration ago (30m, 24h, 7d); default: every stored alert")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args = parser.parse_args(list(argv))
+    return _risk_report(args)
+
+
 COMMANDS = {"serve": _serve, "check-config": _check_config, "send": _send, "stream": _stream,
-            "group": _group, "dlq": _dlq}
+            "group": _group, "dlq": _dlq, "risk": _risk}
 
 #: One line per command (and action) for ``payflux --help``, in the order shown.
 SUMMARIES: dict[str, list[tuple[str, str]]] = {
@@ -422,6 +491,7 @@ SUMMARIES: dict[str, list[tuple[str, str]]] = {
     "dlq": [("dlq list", "dead letters: original id, group, deliveries, error"),
             ("dlq replay", "put dead letters back on the stream (--id ID, or --all --yes)"),
             ("dlq purge", "delete every dead letter (--yes)")],
+    "risk": [("risk report", "alerts raised, outcomes, share followed by action, lead time (--since 24h)")],
 }
 
 

@@ -12,7 +12,8 @@ With ``workers > 1`` the ``twistd`` process is the **supervisor**. It owns
   wait in its backlog for the new worker, and a taken port fails the start once, with one line;
 - the side listener (``metrics_listen``): ``/metrics`` sums the workers' ingest metrics,
   ``/ready`` is 200 only when Redis answers and every worker answers its own ``/ready``,
-  ``/health`` is the supervisor's liveness;
+  ``/health`` is the supervisor's liveness, ``/v1/alerts...`` the alerts API (on the
+  supervisor's pool);
 - the consumers role, the retention trimmer and the stream/group samplers (one set per node,
   never one per worker: workers only ingest).
 
@@ -58,7 +59,7 @@ from payflux.config import Settings
 from payflux.deadlines import settled_within
 from payflux.goenv import log_go_env
 from payflux.ingest.side import WorkersSideApp
-from payflux.node import Node, RedisPool, _listener, add_background, add_redis
+from payflux.node import Node, RedisPool, _listener, add_background, add_redis, alerts_api
 from payflux.observability.metrics import Metrics, SupervisorMetrics, WorkerTotals
 from payflux.streams.keys import StreamKeys
 from payflux.workerprocess import INHERITED_FD, WorkerSpec
@@ -401,7 +402,8 @@ def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, 
 
     shared = WorkerSockets(reactor, settings.listen, settings.workers)
     workers = WorkerPool(settings, reactor, shared, pool, metrics, log_format)
-    side = WorkersSideApp(workers, ping, metrics.content_type)
+    api, risk_loop = alerts_api(settings, pool, metrics, reactor)
+    side = WorkersSideApp(workers, ping, metrics.content_type, alerts=api, risk_loop=risk_loop)
 
     node.side_listener = None
     if settings.metrics_listen:

@@ -9,7 +9,9 @@ JSON body schema); unauthenticated requests are refused; schema-invalid requests
 with 422 -- event_timestamp too far ahead, a Luhn-valid digit run -- as the document says in
 words); and no write for any rejected
 request: the stream grows by exactly the number of new (non-duplicate) events the node
-acknowledged with a 202, read from the run's HAR report.
+acknowledged with a 202, read from the run's HAR report.  The alerts API operations of the same
+document are served by the side listener: a second run fuzzes them there (``--url`` the side
+port, an admin key), with the same checks.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.support.node import API_SECRET, start_node
 from tests.support.redis import redis_test_cases
 
 STREAM = "payflux:{0}:events"
+ADMIN_SECRET = "admin-secret-0123456789abcdef"
 SEED = 20261125
 MAX_EXAMPLES = 200
 CHECKS = ",".join([
@@ -79,8 +82,10 @@ class FuzzApiMixin:
         if binary is None:
             self.skipTest("schemathesis is not installed (pip install -e '.[test]')")
         redis = self.start_redis()
-        # no rate limit: a 429 would be correct but would hide the checks behind it
-        node = yield start_node(self, redis.url, rate_limit="0")
+        # no rate limit: a 429 would be correct but would hide the checks behind it; the processor
+        # webhook routes on, so they are fuzzed too (every fuzzed delivery fails its signature)
+        node = yield start_node(self, redis.url, rate_limit="0", stripe_webhook_secret="whsec_fuzz_0123456789",
+                                adyen_hmac_key="00112233445566778899AABBCCDDEEFF", id_hash_key="fuzz-id-hash-key-0123")
         report = tempfile.mkdtemp(prefix="payflux-fuzz-")
         self.addCleanup(shutil.rmtree, report, True)
         har = os.path.join(report, "run.har")
@@ -98,6 +103,7 @@ class FuzzApiMixin:
             "--report-har-path", har,
             "--no-color",
             "--suppress-health-check", "all",
+            "--exclude-path-regex", "^/v1/(alerts|risk/)",  # the side listener's: fuzzed there, below
         ]
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
         # coreutils timeout bounds the run even if schemathesis misbehaves (exit 124)
@@ -116,6 +122,49 @@ class FuzzApiMixin:
         after = redis.sync_command("XLEN", STREAM)
         self.assertEqual(after - before, new)
         print(f"\nschemathesis: {len(entries)} requests, statuses {statuses}, {new} new events appended")
+
+    @inlineCallbacks
+    def test_schemathesis_on_the_alerts_api_of_the_side_listener(self):
+        """The alerts API (side listener, admin key) from the same document: no 5xx, every answer as
+        documented, unauthenticated requests refused, schema-invalid requests a 4xx."""
+        binary = _schemathesis()
+        if binary is None:
+            self.skipTest("schemathesis is not installed (pip install -e '.[test]')")
+        redis = self.start_redis()
+        node = yield start_node(self, redis.url, admin_keys=f"ops:{ADMIN_SECRET}")
+        report = tempfile.mkdtemp(prefix="payflux-fuzz-")
+        self.addCleanup(shutil.rmtree, report, True)
+        har = os.path.join(report, "run.har")
+        args = [
+            "run", node.base + "/openapi.json",
+            "--url", node.side,
+            "--include-path-regex", "^/v1/(alerts|risk/)",
+            "--checks", CHECKS,
+            "--max-examples", "100",
+            "--seed", str(SEED),
+            "--workers", "1",
+            "--phases", "examples,coverage,fuzzing",
+            "--request-timeout", "5",
+            "--header", f"Authorization: Bearer {ADMIN_SECRET}",
+            "--report", "har",
+            "--report-har-path", har,
+            "--no-color",
+            "--suppress-health-check", "all",
+        ]
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
+        out, err, code = yield getProcessOutputAndValue(
+            shutil.which("timeout") or "/usr/bin/timeout", ["150", binary, *args], env=env, reactor=reactor, path=report
+        )
+        text = (out + err).decode("utf-8", "replace")
+        self.assertEqual(code, 0, text[-6000:])
+        with open(har, encoding="utf-8") as f:
+            entries = json.load(f)["log"]["entries"]
+        statuses = sorted({e["response"]["status"] for e in entries})
+        self.assertFalse([s for s in statuses if s >= 500], text[-3000:])
+        self.assertGreater(len(entries), 50)
+        self.assertTrue({e["request"]["url"].split("?")[0] for e in entries} >= {
+            node.side + "/v1/alerts", node.side + "/v1/risk/processors", node.side + "/v1/risk/retry-advice"})
+        print(f"\nschemathesis (alerts API): {len(entries)} requests, statuses {statuses}")
 
 
 redis_test_cases(FuzzApiMixin, globals(), versions=("7",))

@@ -5,7 +5,10 @@ The risk alerting quick start (docs/risk.md, "Quick start") end to end, with rea
 with the consumer table of etc/examples/risk-quickstart.toml, the real ``payflux send`` (the
 console script's code, ``python -m payflux.cli``, as a child process) for the baseline and then
 the spike on one processor, and checks the three places an operator looks: the alerts stream,
-the log line, and ``payflux_risk_active_alerts`` on the side port's /metrics.
+the log line, and ``payflux_risk_active_alerts`` on the side port's /metrics; then it runs the
+Quick start's alerts API and risk report commands as the document writes them (``curl`` with the
+example's admin key, recording an outcome, ``payflux risk report``: bash, curl and the CLI as child
+processes, with the side port and the Redis URL of the test node).
 
 Time is scaled down so it runs in ~13 s instead of ~2 minutes: the example's options get
 ``warmup_seconds`` 3 instead of 60 and ``window_seconds`` 4 for failure_rate (6 for the two
@@ -32,6 +35,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from typing import Any
 
@@ -93,6 +97,25 @@ def _payflux_send(base: str, argv: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=60, env=clean_env())
 
 
+def quickstart_text() -> str:
+    with open(DOCS, encoding="utf-8") as f:
+        return f.read().split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+
+
+def alerts_api_scripts() -> list[str]:
+    """The Quick start's ``sh`` blocks that use the alerts API, as scripts: comment lines dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", quickstart_text(), re.S)
+    return ["\n".join(line for line in block.splitlines() if not line.lstrip().startswith("#"))
+            for block in blocks if "/v1/alerts" in block]
+
+
+def _run_documented(script: str, side: str, redis_url: str) -> subprocess.CompletedProcess:
+    """``script`` as written, against the test node: its side port, its Redis, this checkout's CLI."""
+    script = script.replace("http://127.0.0.1:9464", side).replace(".venv/bin/payflux", f"{sys.executable} -m payflux.cli")
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, timeout=60,
+                          env=clean_env(PAYFLUX_REDIS_URL=redis_url), cwd=ROOT)
+
+
 def _fields(entry: list) -> dict:
     values = entry[1]
     return {k.decode(): v.decode() for k, v in zip(values[::2], values[1::2])}
@@ -147,6 +170,32 @@ class RiskWalkthroughMixin:
         rate = samples[("payflux_risk_failure_rate", (("consumer", "risk"), ("processor", "stripe")))]
         self.assertGreater(rate, 0.2)
 
+        # the alerts API and the risk report, as the Quick start runs them
+        listing, record = alerts_api_scripts()
+        self.assertIn("Bearer quickstart-admin-0123456789", listing)  # the example's admin key
+        listed = yield deferToThread(_run_documented, listing, node.side, redis.url)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        doc = json.loads(listed.stdout)
+        self.assertEqual([(a["alert_id"], a["state"], [t["action"] for t in a["transitions"]][0])
+                          for a in doc["alerts"]], [(opened[0]["alert_id"], "open", "opened")])
+        self.assertIsNone(doc["next_cursor"])
+        recorded = yield deferToThread(_run_documented, record, node.side, redis.url)
+        self.assertEqual(recorded.returncode, 0, recorded.stderr)
+        out = recorded.stdout.decode()
+        outcome, end = json.JSONDecoder().raw_decode(out)  # curl -s: no newline after the body
+        lead = outcome["lead_time_seconds"]
+        self.assertEqual((outcome["alert_id"], outcome["outcome_type"], outcome["source"]),
+                         (opened[0]["alert_id"], "throttle", "manual"))
+        self.assertTrue(0 <= lead < 60, lead)  # observed "now", seconds after the alert opened
+        report = out[end:].splitlines()
+        self.assertTrue(report[0].startswith("risk report: alerts opened since "), report)
+        row = next(line for line in report if line.startswith("failure_rate_spike")).split()
+        self.assertEqual(row[:5], ["failure_rate_spike", "1", "1", "1", "100%"])
+        self.assertEqual(row[-1], "0")
+        labels = {"alert_type": "failure_rate_spike", "outcome_type": "throttle"}
+        self.assertEqual(node.metrics.registry.get_sample_value("payflux_alert_outcome_lead_time_seconds_count",
+                                                                labels), 1)
+
 
 redis_test_cases(RiskWalkthroughMixin, globals(), versions=("6.2",))
 
@@ -162,9 +211,7 @@ class FakeNode:
 
 class QuickstartDocsTests(unittest.TestCase):
     def quickstart(self) -> str:
-        with open(DOCS, encoding="utf-8") as f:
-            text = f.read()
-        return text.split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+        return quickstart_text()
 
     def test_example_config_is_a_risk_node_with_the_detector_defaults(self):
         self.assertIn("etc/examples/risk-quickstart.toml", self.quickstart())

@@ -34,6 +34,7 @@ from payflux.ingest.side import WorkersSideApp
 from payflux.observability.metrics import Metrics, SupervisorMetrics, WorkerTotals
 from payflux.observability.status import RateTracker, StatusPage, registry_families
 from payflux.risk.alerts import Alert, Transition
+from payflux.risk.store import AlertStore
 from tests.support.consumers import wait_for
 from tests.support.node import API_KEYS, API_SECRET, read_json, start_node
 from tests.support.process import TWISTD, clean_env
@@ -80,6 +81,10 @@ enabled = false
 
 [consumers.options.failure_cluster]
 enabled = false
+
+[consumers.options.health]
+min_events = 50
+warmup_seconds = 20
 """
 
 
@@ -148,6 +153,31 @@ async def inject_spike(node, redis: RedisProcess) -> None:
     await wait_for(lambda: counted("payflux_risk_events_total", {"consumer": "risk"}) == before + len(events),
                    what="the risk consumer to count the spike")
     await wait_for(lambda: redis.sync_command("XPENDING", EVENTS, "risk")[0] == 0, what="risk entries acked")
+
+
+async def wait_for_deferred(check, what: str, attempts: int = 60) -> None:
+    """Until ``check()`` (a Deferred of a bool) is true, every 0.25 s, at most ``attempts`` times."""
+    for _ in range(attempts):
+        if await check():
+            return
+        await task.deferLater(reactor, 0.25, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def wait_health(node, band: str) -> dict:
+    """status.json's processor health once the risk consumer's snapshot shows stripe in ``band``
+    (it is written at most once a second, so the last batch's state shows within about one)."""
+    found: dict = {}
+
+    async def check() -> bool:
+        doc = await status_json(node)
+        health = (doc["risk"].get("loop") or {}).get("health") or {}
+        found.update(health)
+        return any(p["band"] == band for p in health.get("processors", []))
+
+    # the status page caches the risk loop for 2 s: 60 looks of 0.25 s cover several refreshes
+    await wait_for_deferred(lambda: defer.ensureDeferred(check()), what=f"a processor in band {band}")
+    return found
 
 
 def open_audit_group(redis: RedisProcess, read: int) -> None:
@@ -276,6 +306,16 @@ class StatusNodeMixin:
                          ("failure_rate_spike", "processor=stripe", "critical"))
         self.assertEqual(set(stream_alerts(redis)), {alert["alert_id"]})
         self.assertGreater(alert["numbers"]["failure_rate"], 0.3)
+        # the risk consumer recorded it in the alert store too: the risk loop panel counts it
+        loop = risk["loop"]
+        self.assertEqual((loop["status"], loop["by_type"]["failure_rate_spike"]["alerts"],
+                          loop["by_type"]["failure_rate_spike"]["no_outcome"], loop["all"]["alerts"]), ("ok", 1, 1, 1))
+        # and its processor-health snapshot: stripe at 60% failures against a 5% baseline
+        health = await wait_health(node, "critical")
+        [processor] = health["processors"]
+        self.assertEqual((processor["processor"], processor["band"], processor["drivers"][0]["name"]),
+                         ("stripe", "critical", "high_failure_rate"))
+        self.assertGreater(processor["drivers"][0]["contribution"], 0.5)
 
     async def test_redis_unavailable_is_shown_not_failed(self):
         redis = self.start_redis()
@@ -590,6 +630,15 @@ class ChromiumTests(unittest.TestCase):
         rate = node.metrics.registry.get_sample_value("payflux_risk_failure_rate",
                                                       {"consumer": "risk", "processor": "stripe"})
         [alert_id] = stream_alerts(redis)
+        store = AlertStore(node.node.pool, "payflux", 30, reactor.seconds)
+        stored = await store.get(alert_id)
+        self.assertEqual(stored["state"], "open")  # recorded by the risk consumer, after the stream
+        self.assertTrue(await store.record_outcome(alert_id, {"outcome_type": "throttle", "lead_time_seconds": 90.0}))
+        # the risk consumer's health snapshot has caught up with the spike (read from Redis, not
+        # through status.json, whose risk loop is cached for 2 s and must show the outcome above)
+        await wait_for_deferred(lambda: store.health().addCallback(
+            lambda snap: bool(snap) and any(p["band"] == "critical" for p in snap["processors"])),
+            what="stripe critical in the health snapshot")
 
         shot = os.path.abspath(self.mktemp() + ".png")
         url = node.side + "/status"
@@ -619,6 +668,13 @@ class ChromiumTests(unittest.TestCase):
         self.assertIn("processor=stripe", page.cells["alert:" + alert_id, "alert"][0])
         self.assertEqual(page.cells["alert:" + alert_id, "severity"][0], "critical")
         self.assertNotIn("not running", dom.decode("utf-8").split("<main")[1].split('id="risk-state"')[0])
+        self.assertEqual(page.cells["loop:failure_rate_spike", "alerts"], ("1", "1"))
+        self.assertEqual(page.cells["loop:failure_rate_spike", "followed_by_action"], ("1 (100%)", "1"))
+        self.assertEqual(page.cells["loop:failure_rate_spike", "lead_time_median_seconds"], ("1m 30s", "90"))
+        self.assertEqual(page.cells["loop:retry_storm", "alerts"], ("0", "0"))
+        self.assertEqual(page.cells["health:stripe", "band"][0], "critical")
+        self.assertIn("high failure rate +", page.cells["health:stripe", "drivers"][0])
+        self.assertEqual(page.cells["health:stripe", "trajectory"][0] in ("accelerating", "decelerating", "steady"), True)
         self.assertEqual(page.by_id["banner"], "")  # every refresh reached status.json
 
         with open(shot, "rb") as f:
@@ -648,4 +704,6 @@ class ChromiumTests(unittest.TestCase):
         self.assertEqual(page.by_id["risk-state"],
                          "Risk consumer not running on this node (no payflux_risk_* metrics).")
         self.assertEqual(page.by_id["alerts-state"], "Redis unavailable: can't read the alerts stream payflux:alerts.")
+        self.assertEqual(page.by_id["loop-state"], "Redis unavailable: can't read the alert store.")
+        self.assertEqual(page.by_id["health-state"], "Redis unavailable: can't read the health snapshot.")
         self.assertEqual(page.by_id["kpi-alerts"], "—")

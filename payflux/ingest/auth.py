@@ -14,7 +14,7 @@ import hmac
 from typing import Iterable
 
 from payflux.config import ApiKey
-from payflux.ingest.errors import unauthorized
+from payflux.ingest.errors import ApiError, unauthorized
 
 DEV_KEY_ID = "dev"
 
@@ -55,3 +55,43 @@ class Authenticator:
             raise unauthorized("API key revoked")
         return found.key_id
 
+
+
+class AdminAuthenticator:
+    """
+    Operator authentication for the alerts API on the side listener: ``Authorization: Bearer
+    <secret>`` of an ``admin_keys`` entry, compared like :class:`Authenticator` (every key, admin
+    and producer alike, with :func:`hmac.compare_digest`, no early exit).  There is no dev mode:
+    without ``admin_keys`` every request is refused, so the API is never open.
+    """
+
+    def __init__(self, admin_keys: Iterable[ApiKey], producer_keys: Iterable[ApiKey] = ()):
+        self._admin = tuple(admin_keys)
+        self._producer = tuple(producer_keys)
+
+    def authenticate(self, authorization: bytes | None, query_args: dict | None = None) -> str:
+        """The admin key id of the caller; a 401 (no, bad or unknown key) or 403 (a producer key) ApiError."""
+        if query_args and any(k.lower() in QUERY_CREDENTIALS for k in query_args):
+            raise unauthorized("credentials in the query string are refused; use the Authorization header")
+        if not self._admin:
+            raise unauthorized("admin_keys is not configured on this node; the alerts API takes an admin key "
+                               "(docs/risk.md, \"Alerts API\")")
+        if authorization is None:
+            raise unauthorized("missing Authorization: Bearer <admin key>")
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            raise unauthorized("Authorization must be 'Bearer <admin key>'")
+        admin: ApiKey | None = None
+        producer = False
+        for key in self._admin:
+            if hmac.compare_digest(key.secret, token):
+                admin = key
+        for key in self._producer:
+            if hmac.compare_digest(key.secret, token):
+                producer = True
+        if admin is not None:
+            return admin.key_id
+        if producer:
+            raise ApiError(403, "forbidden", "this is a producer key; the alerts API takes an admin key")
+        raise unauthorized("unknown admin key")

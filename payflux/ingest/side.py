@@ -1,7 +1,8 @@
 """
 The side listener (``--metrics-listen``): /metrics, /health and /ready only, for Prometheus and
 load balancers, so they never compete with producers on the ingest port; plus the operator's
-status page, /status and /status.json (:mod:`payflux.observability.status`).
+status page, /status and /status.json (:mod:`payflux.observability.status`), and the alerts API
+for operators, ``/v1/alerts...`` (:mod:`payflux.ingest.alerts`, admin keys only).
 """
 
 from __future__ import annotations
@@ -9,17 +10,68 @@ from __future__ import annotations
 from klein import Klein
 from twisted.internet.defer import ensureDeferred
 from twisted.web.server import Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from payflux.ingest.alerts import AlertsApi
 from payflux.ingest.app import IngestApp, json_response, not_ready, quiet_site
+from payflux.ingest.errors import ApiError
 from payflux.observability.status import node_status, supervisor_status
+
+
+def _not_found(request) -> bytes:
+    return json_response(request, 404, {"error": "not_found", "message": "no such endpoint"})
+
+
+def _method_not_allowed(request, failure) -> bytes:
+    allowed = ", ".join(failure.value.valid_methods or [])
+    request.setHeader(b"Allow", allowed.encode("ascii"))
+    return json_response(request, 405, {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"})
+
+
+def _alerts_route(alerts: AlertsApi | None, request, endpoint: str):
+    if alerts is None:  # a side listener built without a store (tests): the API isn't here
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"application/json")
+        return ApiError(404, "not_found", "the alerts API is not served here").body()
+    return getattr(alerts, endpoint)(request)
 
 
 class SideApp:
     app = Klein()
 
-    def __init__(self, ingest: IngestApp, alerts_stream: str | None = None):
+    def __init__(self, ingest: IngestApp, alerts_stream: str | None = None, alerts: AlertsApi | None = None,
+                 risk_loop=None):
         self.ingest = ingest
-        self.status = node_status(ingest, alerts_stream)
+        self.alerts = alerts
+        self.status = node_status(ingest, alerts_stream, risk_loop)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request, failure):
+        return _not_found(request)
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request, failure):
+        return _method_not_allowed(request, failure)
+
+    @app.route("/v1/alerts", methods=["GET"])
+    def alerts_list(self, request):
+        return _alerts_route(self.alerts, request, "list")
+
+    @app.route("/v1/alerts/<path:alert_path>", methods=["GET"])
+    def alert_get(self, request, alert_path):
+        return _alerts_route(self.alerts, request, "get")
+
+    @app.route("/v1/alerts/<path:alert_path>", methods=["POST"])
+    def alert_outcome(self, request, alert_path):
+        return _alerts_route(self.alerts, request, "post")
+
+    @app.route("/v1/risk/processors", methods=["GET"])
+    def risk_processors(self, request):
+        return _alerts_route(self.alerts, request, "processors")
+
+    @app.route("/v1/risk/retry-advice", methods=["GET"])
+    def risk_retry_advice(self, request):
+        return _alerts_route(self.alerts, request, "retry_advice")
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
@@ -52,17 +104,47 @@ class WorkersSideApp:
     ``/metrics``: the supervisor's own metrics plus the workers' ingest metrics summed;
     ``/ready``: 200 only when Redis answers and every worker answers its own /ready;
     ``/health``: the supervisor is up;
-    ``/status``, ``/status.json``: the status page, from the same summed view as ``/metrics``.
+    ``/status``, ``/status.json``: the status page, from the same summed view as ``/metrics``;
+    ``/v1/alerts...``: the alerts API, on the supervisor's own Redis pool.
     """
 
     app = Klein()
 
-    def __init__(self, workers, ping, content_type: str):
+    def __init__(self, workers, ping, content_type: str, alerts: AlertsApi | None = None, risk_loop=None):
         self.workers = workers
         self.ping = ping
         self.content_type = content_type
         self.draining = False
-        self.status = supervisor_status(workers)
+        self.alerts = alerts
+        self.status = supervisor_status(workers, risk_loop)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request, failure):
+        return _not_found(request)
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request, failure):
+        return _method_not_allowed(request, failure)
+
+    @app.route("/v1/alerts", methods=["GET"])
+    def alerts_list(self, request):
+        return _alerts_route(self.alerts, request, "list")
+
+    @app.route("/v1/alerts/<path:alert_path>", methods=["GET"])
+    def alert_get(self, request, alert_path):
+        return _alerts_route(self.alerts, request, "get")
+
+    @app.route("/v1/alerts/<path:alert_path>", methods=["POST"])
+    def alert_outcome(self, request, alert_path):
+        return _alerts_route(self.alerts, request, "post")
+
+    @app.route("/v1/risk/processors", methods=["GET"])
+    def risk_processors(self, request):
+        return _alerts_route(self.alerts, request, "processors")
+
+    @app.route("/v1/risk/retry-advice", methods=["GET"])
+    def risk_retry_advice(self, request):
+        return _alerts_route(self.alerts, request, "retry_advice")
 
     @app.route("/metrics", methods=["GET"])
     async def metrics(self, request):

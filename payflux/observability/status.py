@@ -25,6 +25,12 @@ alert being open when its newest transition is ``open`` or ``escalate``.  That r
 by a timeout; when Redis doesn't answer the page says "Redis unavailable" for that part only.
 The stream is also how an ingest-only node shows alerts of a risk consumer running elsewhere.
 
+The risk loop (``risk.loop``): the alert store's lead-time and precision summary, the one
+``payflux risk report`` prints (:func:`payflux.risk.report.summarize`), plus ``health``, what
+``GET /v1/risk/processors`` answers (the risk consumer's processor-health snapshot), injected by
+the node as ``risk_loop`` (a callable returning a Deferred of it), read within the same timeout,
+at most once per :data:`LOOP_CACHE_SECONDS` (several open pages share one read).
+
 Never shown: event payloads, API keys or key ids, Redis URLs.
 """
 
@@ -47,6 +53,7 @@ log = Logger()
 
 STATUS_FORMAT = 1
 ALERTS_SCAN = 200
+LOOP_CACHE_SECONDS = 2.0
 OPEN_ACTIONS = ("open", "escalate")
 HTML_HEADERS = {
     b"Content-Type": b"text/html; charset=utf-8",
@@ -210,6 +217,34 @@ def _alert_of(entry: Any) -> dict | None:
     }
 
 
+class RiskLoopReader:
+    """The risk loop summary from ``summary()`` (a Deferred), within ``timeout``; failures are a status."""
+
+    def __init__(self, summary: Callable[[], defer.Deferred], timeout: float, reactor: Any,
+                 cache_seconds: float = LOOP_CACHE_SECONDS) -> None:
+        self.summary = summary
+        self.timeout = timeout
+        self.reactor = reactor
+        self.cache_seconds = cache_seconds
+        self._cached: tuple[float, dict] | None = None
+
+    async def read(self) -> dict:
+        now = self.reactor.seconds()
+        if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+            return self._cached[1]
+        try:
+            d = defer.maybeDeferred(self.summary)
+            d.addTimeout(self.timeout, self.reactor)
+            doc = {"status": "ok", **(await d)}
+        except Exception as e:  # noqa: BLE001 - the page says so, the rest still shows
+            if is_outage(e) or isinstance(e, defer.TimeoutError):
+                return {"status": "redis_unavailable"}
+            log.warn("status page: reading the alert store failed: {reason}", reason=str(e) or type(e).__name__)
+            return {"status": "error", "error": type(e).__name__}
+        self._cached = (now, doc)
+        return doc
+
+
 def alerts_stream_key(prefix: str, consumers: Iterable[Any] = ()) -> str:
     """The alerts stream of the first risk consumer configured (its ``alerts_stream`` option),
     or the default ``<prefix>:alerts``."""
@@ -237,7 +272,8 @@ def _sorted_partition(p: str) -> tuple:
     return (0, int(p), "") if p.isdigit() else (1, 0, p)
 
 
-def build_document(s: Samples, window: float | None, deltas: dict, now: float, alerts: dict | None) -> dict:
+def build_document(s: Samples, window: float | None, deltas: dict, now: float, alerts: dict | None,
+                   loop: dict | None = None) -> dict:
     """``status.json`` from the samples, the rate window and the open alerts (see the module doc)."""
     accepted = s.total("payflux_events_accepted_total")
     rejected_requests = s.by("payflux_requests_rejected_total", "reason")
@@ -300,6 +336,7 @@ def build_document(s: Samples, window: float | None, deltas: dict, now: float, a
             "by_type": {t: _num(n) for (t,), n in sorted(by_type.items())},
         },
         "alerts": alerts,
+        "loop": loop,
     }
 
     workers = None
@@ -343,18 +380,22 @@ class StatusPage:
     """``/status`` and ``/status.json`` of one side listener; see the module doc."""
 
     def __init__(self, families: Callable[[], defer.Deferred], seconds: Callable[[], float],
-                 alerts: AlertsStreamReader | None = None, min_window: float = 1.0) -> None:
+                 alerts: AlertsStreamReader | None = None, min_window: float = 1.0,
+                 loop: RiskLoopReader | None = None) -> None:
         self.families = families
         self.seconds = seconds
         self.alerts = alerts
+        self.loop = loop
         self.rates = RateTracker(seconds, min_window=min_window)
         self._html: bytes | None = None
 
     async def document(self) -> dict:
         samples = Samples(await self.families())
         window, deltas = self.rates.observe(rate_totals(samples))
-        alerts = await self.alerts.read() if self.alerts is not None else None
-        return build_document(samples, window, deltas, self.seconds(), alerts)
+        # both reads at once: with Redis down each waits its timeout, the page only the longer one
+        reading = [defer.ensureDeferred(r.read()) if r is not None else None for r in (self.alerts, self.loop)]
+        alerts, loop = [await d if d is not None else None for d in reading]
+        return build_document(samples, window, deltas, self.seconds(), alerts, loop)
 
     def render_json(self, request: Request) -> defer.Deferred:
         async def render() -> bytes:
@@ -377,18 +418,22 @@ class StatusPage:
         return self._html
 
 
-def node_status(ingest: Any, alerts_stream: str | None = None) -> StatusPage:
+def node_status(ingest: Any, alerts_stream: str | None = None,
+                risk_loop: Callable[[], defer.Deferred] | None = None) -> StatusPage:
     """The status page of a node's side listener, from its wired :class:`IngestApp`;
-    ``alerts_stream`` defaults to ``<prefix>:alerts`` (see :func:`alerts_stream_key`)."""
+    ``alerts_stream`` defaults to ``<prefix>:alerts`` (see :func:`alerts_stream_key`);
+    ``risk_loop`` gives the alert store's summary (none: no risk loop panel)."""
     writer = ingest.writer
     key = alerts_stream or alerts_stream_key(writer.keys.prefix)
     reader = AlertsStreamReader(writer.redis, key, ingest.limits.redis_timeout, writer.reactor)
-    return StatusPage(registry_families(ingest.metrics.registry), ingest.seconds, reader)
+    loop = RiskLoopReader(risk_loop, ingest.limits.redis_timeout, writer.reactor) if risk_loop else None
+    return StatusPage(registry_families(ingest.metrics.registry), ingest.seconds, reader, loop=loop)
 
 
-def supervisor_status(workers: Any) -> StatusPage:
+def supervisor_status(workers: Any, risk_loop: Callable[[], defer.Deferred] | None = None) -> StatusPage:
     """The status page of a ``--workers`` supervisor: its summed /metrics (see the module doc)."""
     settings = workers.settings
     reader = AlertsStreamReader(workers.redis, alerts_stream_key(settings.stream_prefix, settings.consumers),
                                 settings.redis_timeout, workers.reactor)
-    return StatusPage(text_families(workers.render_metrics), workers.reactor.seconds, reader)
+    loop = RiskLoopReader(risk_loop, settings.redis_timeout, workers.reactor) if risk_loop else None
+    return StatusPage(text_families(workers.render_metrics), workers.reactor.seconds, reader, loop=loop)

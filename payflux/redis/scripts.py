@@ -80,6 +80,28 @@ def evalsha(redis: Any, script: Script, keys: Sequence[Any] = (), args: Sequence
     return run_deferred(script_steps(script), execute)
 
 
+def call_steps(script: Script, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Steps:
+    """
+    :func:`script_steps` with the call spelled out: steps that yield only real commands, for a
+    conversation of several commands that includes a script (``yield from call_steps(...)``),
+    driven like any other by ``run_sync`` or ``run_deferred``.
+    """
+    call = _call(script, keys, args)
+    steps = script_steps(script)
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            command = steps.throw(error) if error is not None else steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        try:
+            reply = yield (command or call)
+        except Exception as e:  # noqa: BLE001 - handed to the script's steps (NOSCRIPT), which re-raise the rest
+            error = e
+
+
 def evalsha_sync(client: Any, script: Script, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
     """:func:`evalsha` for a blocking ``client.command(*args)`` (the CLI)."""
     call = _call(script, keys, args)

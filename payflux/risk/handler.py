@@ -11,6 +11,9 @@ Wiring (the factory is called as ``RiskHandler(reactor=reactor, **options)``):
 - ``bind_redis(redis, keys)``: a txredisapi-like connection (``execute_command``; the node's
   pool) and the node's :class:`payflux.streams.keys.StreamKeys`; alerts go to
   ``<prefix>:alerts`` (or the ``alerts_stream`` option).  Unbound = no alerts stream.
+- ``bind_alert_store(store)``: the node's :class:`payflux.risk.store.AlertStore`; every
+  transition is also recorded there (what the alerts API on the side listener reads), after
+  the alerts stream, through its own ordered outbox (:class:`payflux.risk.sinks.AlertRecords`).
 
 Time: the detectors run on stream time (``received_at``).  When no entry has arrived for
 ``idle_after_seconds`` of the reactor's clock, an idle tick (every second) moves the stream
@@ -18,7 +21,15 @@ clock on by the reactor time elapsed since the last entry, so windows empty and 
 resolve on a quiet stream.  The handler never reads the system clock itself.
 
 ``handle`` never fails a batch (see :mod:`payflux.risk.sinks`); it returns once the batch's
-alert transitions are in the alerts stream (or kept for retry after a Redis error).
+alert transitions are in the alerts stream and the alert store (or kept for retry after a Redis
+error).
+
+Health snapshot: after a batch or an idle tick, at most once per second of the reactor's clock,
+``SET <prefix>:{alerts}:risk:health <json> PX 30000`` (:meth:`payflux.risk.health.HealthTracker.snapshot`;
+docs/risk.md, "The health snapshot"), so a stopped consumer's snapshot expires.  A batch that
+comes within that second (or while a write is in flight) schedules one trailing write for the
+end of it, so the snapshot never lags the last batch by more than about a second.  A failed write
+is logged once per outage and never fails or holds up the batch; at most one write is in flight.
 """
 
 from __future__ import annotations
@@ -28,15 +39,20 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from payflux.consumers.handlers import Entry
 from payflux.risk.alerts import OPEN, RESOLVE, Transition, iso_ms
 from payflux.risk.config import parse_options
 from payflux.risk.engine import RiskEngine
 from payflux.risk.metrics import RiskMetrics
-from payflux.risk.sinks import AlertStream, AlertWebhook
+from payflux.risk.sinks import AlertRecords, AlertStream, AlertWebhook
+from payflux.risk.store import AlertKeys
+from payflux.streams.outage import log_step_failure
 
 TICK_SECONDS = 1.0
+HEALTH_EVERY_SECONDS = 1.0   # at most one health snapshot write per reactor second
+HEALTH_TTL_MS = 30_000       # PX of the snapshot: a stopped consumer's snapshot expires
 
 
 class RiskHandler:
@@ -52,6 +68,7 @@ class RiskHandler:
         self.engine = RiskEngine(self.config.engine)
         self.metrics = RiskMetrics.unbound()
         self.stream: AlertStream | None = None
+        self.records: AlertRecords | None = None
         c = self.config
         self.webhook = None
         if c.webhook_url is not None:
@@ -65,6 +82,12 @@ class RiskHandler:
         self._anchor_ms = 0                       # stream time at the last batch
         self._warned_unbound = False
         self._closed = False
+        self._redis: Any = None
+        self.health_key: str | None = None        # <prefix>:{alerts}:risk:health once bound
+        self._health_written: float | None = None  # reactor time of the last snapshot write
+        self._health_busy = False
+        self._health_failing = False
+        self._health_trailing: Any = None         # the DelayedCall of a trailing snapshot write
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -77,9 +100,17 @@ class RiskHandler:
         """Write alerts to ``alerts_stream`` (default ``<keys.prefix>:alerts``) through ``redis``."""
         c = self.config
         key = c.alerts_stream or f"{keys.prefix}:alerts"
+        self._redis = redis
+        self.health_key = AlertKeys(keys.prefix).health
         self.stream = AlertStream(redis, key, c.alerts_maxlen, c.outbox_max,
                                   on_failure=lambda: self.metrics.delivery_failed("stream"),
                                   on_drop=lambda n: self.metrics.dropped("stream", n))
+
+    def bind_alert_store(self, store: Any) -> None:
+        """Record every transition in ``store`` (an :class:`~payflux.risk.store.AlertStore`) too."""
+        self.records = AlertRecords(store, self.config.outbox_max,
+                                    on_failure=lambda: self.metrics.delivery_failed("store"),
+                                    on_drop=lambda n: self.metrics.dropped("store", n))
 
     # -- the handler protocol ------------------------------------------------------------------
 
@@ -103,6 +134,9 @@ class RiskHandler:
         self._closed = True
         if self._tick is not None and self._tick.running:
             self._tick.stop()
+        if self._health_trailing is not None and self._health_trailing.active():
+            self._health_trailing.cancel()
+        self._health_trailing = None
         self.engine.stop()
         d = self._publish()
         if self.webhook is not None:
@@ -122,6 +156,11 @@ class RiskHandler:
         return self._publish()
 
     def _publish(self) -> defer.Deferred:
+        d = self._publish_alerts()
+        self._write_health()  # after the alerts' commands went out: it never delays them
+        return d
+
+    def _publish_alerts(self) -> defer.Deferred:
         transitions = self.engine.take()
         self.metrics.update(self.engine, transitions)
         if transitions:
@@ -130,14 +169,59 @@ class RiskHandler:
                     self._log(tr)
             if self.webhook is not None:
                 self.webhook.publish(transitions)
-        if self.stream is None:
+        sinks = [s for s in (self.stream, self.records) if s is not None]
+        if not sinks:
             if transitions and not self._warned_unbound:
                 self._warned_unbound = True
                 self.log.warn("risk: no Redis bound (bind_redis); alerts go to the log and metrics only")
             return defer.succeed(None)
-        if not transitions and not self.stream.outbox:
+        if not transitions and not any(s.outbox for s in sinks):
             return defer.succeed(None)
-        return defer.ensureDeferred(self.stream.publish(transitions))
+
+        async def publish() -> None:  # the stream first, then the store; each keeps what Redis refused
+            for sink in sinks:
+                await sink.publish(transitions)
+
+        return defer.ensureDeferred(publish())
+
+    def _write_health(self) -> None:
+        """Write the health snapshot if one is due (see the module docstring); never raises."""
+        health = self.engine.health
+        if self._redis is None or health is None or health.closed is None:
+            return
+        now = self.reactor.seconds()
+        due = HEALTH_EVERY_SECONDS if self._health_written is None else self._health_written + HEALTH_EVERY_SECONDS - now
+        if self._health_busy or (self._health_written is not None and due > 0):
+            if self._health_trailing is None and not self._closed:
+                # a write still in flight: look again a whole period later (never a hot loop)
+                delay = max(due, HEALTH_EVERY_SECONDS) if self._health_busy else max(due, 0.0)
+                self._health_trailing = self.reactor.callLater(delay, self._trailing_health)
+            return
+        self._health_written = now
+        try:
+            body = json.dumps(health.snapshot(), separators=(",", ":"), allow_nan=False)
+            d = defer.maybeDeferred(self._redis.execute_command, "SET", self.health_key, body,
+                                    "PX", str(HEALTH_TTL_MS))
+        except Exception:
+            d = defer.fail(Failure())
+        self._health_busy = True
+        d.addCallbacks(self._health_ok, self._health_failed)
+
+    def _trailing_health(self) -> None:
+        self._health_trailing = None
+        self._write_health()
+
+    def _health_ok(self, _: Any) -> None:
+        self._health_busy = False
+        if self._health_failing:
+            self._health_failing = False
+            self.log.info("risk health snapshot {key}: writing again", key=self.health_key)
+
+    def _health_failed(self, f: Failure) -> None:
+        self._health_busy = False
+        if not self._health_failing:  # one line per outage, not one per second
+            self._health_failing = True
+            log_step_failure(self.log, f, "risk health snapshot {key}: SET failed", key=self.health_key)
 
     def _log(self, tr: Transition) -> None:
         a = tr.alert

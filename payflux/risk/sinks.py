@@ -1,6 +1,7 @@
 """
-Where alert transitions go besides the log and the metrics: the alerts stream in Redis and an
-optional signed webhook.  Formats: docs/risk.md, "Alerts".
+Where alert transitions go besides the log and the metrics: the alerts stream in Redis, the
+alert store in Redis (:mod:`payflux.risk.store`, what the alerts API reads) and an optional
+signed webhook.  Formats: docs/risk.md, "Alerts" and "Alerts API".
 
 Neither sink ever fails a batch of the risk consumer: the detectors have already counted the
 batch, and failing it would make the runtime deliver (and count) it again.  A transition that
@@ -28,22 +29,19 @@ WEBHOOK_FIRST_BACKOFF = 1.0
 WEBHOOK_MAX_BACKOFF = 30.0
 
 
-class AlertStream:
+class OrderedRedisSink:
     """
-    ``XADD <key> MAXLEN ~ <maxlen> * v 1 alert_id .. action .. type .. key .. severity .. at .. data ..``,
-    one transition at a time, in order (a pool may run concurrent commands on different
-    connections, which could reorder an open and its resolve).
+    Transitions written to Redis one at a time, in order (a pool may run concurrent commands
+    on different connections, which could reorder an open and its resolve), by :meth:`write`.
 
     Transitions wait in an outbox of at most ``outbox_max`` (oldest dropped first) until Redis
     took them; after a failure the rest wait for the next :meth:`publish` (every batch and
-    every idle tick calls it).
+    every idle tick calls it).  ``what`` names the sink in its log lines.
     """
 
-    def __init__(self, redis: Any, key: str, maxlen: int, outbox_max: int,
-                 on_failure: Callable[[], None], on_drop: Callable[[int], None]) -> None:
-        self.redis = redis
-        self.key = key
-        self.maxlen = maxlen
+    what = "risk alerts sink"
+
+    def __init__(self, outbox_max: int, on_failure: Callable[[], None], on_drop: Callable[[int], None]) -> None:
         self.outbox: deque[Transition] = deque()
         self.outbox_max = outbox_max
         self.on_failure = on_failure
@@ -51,14 +49,17 @@ class AlertStream:
         self._lock = defer.DeferredLock()
         self._failing = False
 
+    def write(self, tr: Transition) -> defer.Deferred:
+        raise NotImplementedError
+
     def _trim(self) -> None:
         extra = len(self.outbox) - self.outbox_max
         if extra > 0:
             for _ in range(extra):
                 self.outbox.popleft()
             self.on_drop(extra)
-            log.warn("risk alerts stream {key}: outbox full, dropped the {count} oldest alert transitions",
-                     key=self.key, count=extra)
+            log.warn("{what}: outbox full, dropped the {count} oldest alert transitions",
+                     what=self.what, count=extra)
 
     async def publish(self, transitions: list[Transition]) -> None:
         """Queue ``transitions`` and send everything queued; never raises."""
@@ -70,21 +71,55 @@ class AlertStream:
             while self.outbox:
                 tr = self.outbox.popleft()
                 try:
-                    await self.redis.execute_command(
-                        "XADD", self.key, "MAXLEN", "~", str(self.maxlen), "*", *tr.stream_fields())
+                    await self.write(tr)
                 except Exception:
                     self.outbox.appendleft(tr)
                     self._trim()
                     self.on_failure()
                     if not self._failing:  # one line per outage, not one per batch
-                        log_step_failure(log, Failure(), "risk alerts stream {key}: XADD failed; "
-                                         "{count} alert transitions kept for retry", key=self.key,
-                                         count=len(self.outbox))
+                        log_step_failure(log, Failure(), "{what}: write failed; {count} alert transitions "
+                                         "kept for retry", what=self.what, count=len(self.outbox))
                     self._failing = True
                     return
                 if self._failing:
-                    log.info("risk alerts stream {key}: writing again", key=self.key)
+                    log.info("{what}: writing again", what=self.what)
                     self._failing = False
+
+
+class AlertStream(OrderedRedisSink):
+    """
+    ``XADD <key> MAXLEN ~ <maxlen> * v 1 alert_id .. action .. type .. key .. severity .. at .. data ..``,
+    one transition at a time, in order, through :class:`OrderedRedisSink`'s outbox.
+    """
+
+    def __init__(self, redis: Any, key: str, maxlen: int, outbox_max: int,
+                 on_failure: Callable[[], None], on_drop: Callable[[int], None]) -> None:
+        super().__init__(outbox_max, on_failure, on_drop)
+        self.redis = redis
+        self.key = key
+        self.maxlen = maxlen
+        self.what = f"risk alerts stream {key}"
+
+    def write(self, tr: Transition) -> defer.Deferred:
+        return self.redis.execute_command("XADD", self.key, "MAXLEN", "~", str(self.maxlen), "*", *tr.stream_fields())
+
+
+class AlertRecords(OrderedRedisSink):
+    """
+    Each transition recorded in the alert store (:class:`payflux.risk.store.AlertStore`: one
+    Lua script per transition), one at a time, in order, through :class:`OrderedRedisSink`'s
+    outbox, like the alerts stream and independently of it.  The store ignores a transition it
+    recorded already, so one whose reply was lost is retried without harm.
+    """
+
+    def __init__(self, store: Any, outbox_max: int, on_failure: Callable[[], None],
+                 on_drop: Callable[[int], None]) -> None:
+        super().__init__(outbox_max, on_failure, on_drop)
+        self.store = store
+        self.what = f"risk alert store {store.keys.index}"
+
+    def write(self, tr: Transition) -> defer.Deferred:
+        return self.store.record(tr)
 
 
 class AlertWebhook:
