@@ -8,6 +8,10 @@ answered with a JSON error:
 503 Redis unavailable / overloaded (with Retry-After) -> 202 once Redis replied to the append.
 
 A draining node (SIGTERM received) answers 503 to every new ingest request at once.
+
+The processor webhook routes (``POST /v1/webhooks/stripe`` / ``adyen``, on only when configured)
+take no API key and have their own order of checks: :mod:`payflux.ingest.webhooks`, which
+reuses this app's validation (:meth:`IngestApp.prepare_each`) and append path.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class IngestApp:
         ping: Callable[[], Deferred],
         seconds: Callable[[], float] = time.time,
         serve_metrics: bool = False,
+        webhooks=None,
     ):
         self.validator = validator
         self.writer = writer
@@ -96,6 +101,8 @@ class IngestApp:
         self.ping = ping
         self.seconds = seconds
         self.serve_metrics = serve_metrics
+        #: the processor webhook routes (a payflux.ingest.webhooks.WebhookReceiver); None: all off
+        self.webhooks = webhooks
         self.draining = False
         self.inflight_events = 0
         self.inflight_requests = 0
@@ -114,6 +121,10 @@ class IngestApp:
             return self.limits.max_body_bytes
         if path == SINGLE_PATH:
             return self.limits.max_event_bytes
+        if self.webhooks is not None:
+            limit = self.webhooks.body_limit(path)
+            if limit is not None:
+                return limit
         return SMALL_BODY_LIMIT
 
     def preflight(self, request: Request) -> str | None:
@@ -158,6 +169,8 @@ class IngestApp:
         self._count_rejection(error, "-", 0)
         if path == SINGLE_PATH or path == BATCH_PATH:
             self._observe("batch" if path == BATCH_PATH else "single", error.status, self.seconds())
+        elif self.webhooks is not None:
+            self.webhooks.count_early_answer(path, error)
 
     def resource(self):
         return self.app.resource()
@@ -232,6 +245,27 @@ class IngestApp:
     @app.route("/v1/events/payment_exhaust/batch", methods=["POST"])
     def batch(self, request: Request):
         return self._ingest(request, batch=True)
+
+    @app.route("/v1/webhooks/stripe", methods=["POST"])
+    def stripe_webhook(self, request: Request):
+        return self._webhook(request, "stripe")
+
+    @app.route("/v1/webhooks/adyen", methods=["POST"])
+    def adyen_webhook(self, request: Request):
+        return self._webhook(request, "adyen")
+
+    def _webhook(self, request: Request, processor: str):
+        """A processor's webhook (payflux/ingest/webhooks.py); 404 unless its secret is configured."""
+        if self.webhooks is None or processor not in self.webhooks.hooks:
+            raise NotFound()
+
+        def answer(ack: tuple[int, str, bytes]) -> bytes:
+            status, content_type, body = ack
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", content_type.encode("ascii"))
+            return body
+
+        return Deferred.fromCoroutine(self.webhooks.receive(self, processor, request)).addCallback(answer)
 
     # --- the ingest path ---
 
@@ -312,6 +346,22 @@ class IngestApp:
             PreparedEvent(event_id=e, merchant_id_hash=m, event_type=t, canonical=c, fingerprint=f)
             for e, m, t, c, f in rows
         ], ignored
+
+    def prepare_each(self, items: list) -> tuple[list[PreparedEvent], list[tuple[int, list[dict]]]]:
+        """
+        Each item validated on its own (a webhook delivery's events: one refused event does not
+        refuse the others): the prepared valid ones, in order, and ``(index, details)`` (0-based)
+        of each invalid one.  Unknown fields are dropped as :meth:`_validate` drops them.
+        """
+        prepared, invalid = [], []
+        for n, item in enumerate(items):
+            rows, bad, _ = self.validator.validate_batch([item])
+            if bad:
+                invalid.append((n, bad[0][1]))
+                continue
+            e, m, t, c, f = rows[0]
+            prepared.append(PreparedEvent(event_id=e, merchant_id_hash=m, event_type=t, canonical=c, fingerprint=f))
+        return prepared, invalid
 
     def _append(self, key_id, prepared, ignored, batch, endpoint, started) -> Deferred:
         count = len(prepared)
@@ -398,7 +448,9 @@ class IngestApp:
         if events:
             self.metrics.events_rejected.labels(error.code, key_id).inc(events)
 
-    def _observe(self, endpoint: str, status: int, started: float) -> None:
+    def _observe(self, endpoint: str | None, status: int, started: float) -> None:
+        if endpoint is None:  # a webhook delivery: observed whole by payflux/ingest/webhooks.py
+            return
         histogram = self._latency_histograms.get((endpoint, status))
         if histogram is None:
             histogram = self.metrics.request_latency.labels(endpoint, str(status))
