@@ -11,6 +11,7 @@ accepted values.  Secrets (API keys, Redis passwords) are never echoed back in e
 
 from __future__ import annotations
 
+import hmac
 import os
 import tomllib
 from typing import Any, Callable, Iterable, Mapping
@@ -21,6 +22,8 @@ from payflux.configbase import ApiKey, ConfigError
 from payflux.consumers.config import ConsumerConfig, RetentionConfig, consumer_from_table
 from payflux.goenv import translate
 from payflux.redis.target import parse_redis_url, url_with_password
+from payflux.webhooks import parse_hmac_key
+from payflux.webhooks.common import MIN_ID_HASH_KEY_BYTES
 
 
 # --- value parsers: each takes a str (CLI/env) or a TOML value and returns the typed value ---
@@ -137,6 +140,21 @@ def _roles(value: Any) -> tuple[str, ...]:
     return roles
 
 
+def _secret_list(value: Any) -> tuple[str, ...]:
+    """Secrets separated by commas or newlines (a TOML list too); never echoed in an error."""
+    if isinstance(value, (list, tuple)):
+        items = [_str(v) for v in value]
+    else:
+        items = _str(value).replace("\n", ",").split(",")
+    return tuple(i.strip() for i in items if i.strip())
+
+
+def _optional_secret(value: Any) -> str | None:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value.strip() or None
+
+
 def _redis_url(value: Any) -> str | None:
     text = _optional_str(value)
     if text is None:
@@ -227,6 +245,41 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option("api_keys_file", None, _optional_str, "File of id:secret lines ('#' comments)."),
+    Option(
+        "admin_keys",
+        (),
+        _list,
+        "Comma-separated id:secret operator keys for the alerts API on the side listener (distinct from api_keys).",
+        secret=True,
+    ),
+    Option("admin_keys_file", None, _optional_str, "File of id:secret operator key lines ('#' comments)."),
+    Option(
+        "stripe_webhook_secret",
+        (),
+        _secret_list,
+        "Stripe webhook signing secret(s) (whsec_...), comma-separated while rolling; unset = POST "
+        "/v1/webhooks/stripe is off.",
+        secret=True,
+    ),
+    Option("stripe_webhook_secret_file", None, _optional_str, "File of Stripe webhook secrets, one per line ('#' comments)."),
+    Option(
+        "adyen_hmac_key",
+        (),
+        _secret_list,
+        "Adyen webhook HMAC key(s), hex as the Customer Area shows them, comma-separated while rotating; "
+        "unset = POST /v1/webhooks/adyen is off.",
+        secret=True,
+    ),
+    Option("adyen_hmac_key_file", None, _optional_str, "File of Adyen HMAC keys (hex), one per line ('#' comments)."),
+    Option(
+        "id_hash_key",
+        None,
+        _optional_secret,
+        f"Key (at least {MIN_ID_HASH_KEY_BYTES} bytes) of every *_hash the processor webhooks make; required "
+        "when a webhook is on.",
+        secret=True,
+    ),
+    Option("id_hash_key_file", None, _optional_str, "File holding id_hash_key (one line; a trailing newline is dropped)."),
     Option("revoked_keys", (), _list, "Comma-separated key ids that are refused (401)."),
     Option(
         "insecure_dev_mode",
@@ -339,6 +392,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("dlq_max_age", 30 * 86400.0, _float(0, 10 * 365 * 86400), "Seconds dead letters are kept; 0 = forever."),
     Option("dlq_max_length", 100_000, _int(0, 10**12), "Dead letters kept per partition; 0 = no limit."),
     Option(
+        "alerts_retention_days",
+        30,
+        _int(1, 3650),
+        "Days an alert (its transitions and outcomes) is kept in Redis after its last activity.",
+    ),
+    Option(
         "group_idle_warning",
         86400.0,
         _float(1, 365 * 86400),
@@ -363,6 +422,14 @@ class Settings:
     workers: int
     api_keys: tuple[ApiKey, ...] = attrs.field(repr=False)
     api_keys_file: str | None
+    admin_keys: tuple[ApiKey, ...] = attrs.field(repr=False)
+    admin_keys_file: str | None
+    stripe_webhook_secret: tuple[bytes, ...] = attrs.field(repr=False)
+    stripe_webhook_secret_file: str | None
+    adyen_hmac_key: tuple[bytes, ...] = attrs.field(repr=False)
+    adyen_hmac_key_file: str | None
+    id_hash_key: bytes | None = attrs.field(repr=False)
+    id_hash_key_file: str | None
     revoked_keys: tuple[str, ...]
     insecure_dev_mode: bool
     stream_prefix: str
@@ -394,6 +461,7 @@ class Settings:
     retention_interval: float
     dlq_max_age: float
     dlq_max_length: int
+    alerts_retention_days: int
     group_idle_warning: float
     consumers: tuple[ConsumerConfig, ...] = ()
     # what load_settings took from the Go PayFlux's environment (payflux/goenv.py), logged once at start
@@ -437,6 +505,115 @@ def parse_api_keys(lines: Iterable[str], source: str) -> list[ApiKey]:
             raise ValueError(f"{where} (id {key_id}): secret must not contain whitespace")
         keys.append(ApiKey(key_id, secret.encode("utf-8")))
     return keys
+
+
+def _keys_of(values: dict[str, Any], option: str) -> list[ApiKey]:
+    """The keys of ``option`` (``api_keys`` or ``admin_keys``) and of its ``<option>_file``, in that order."""
+    keys: list[ApiKey] = []
+    try:
+        keys.extend(parse_api_keys(values[option], option))
+    except ValueError as e:
+        raise ConfigError(option, str(e)) from None
+    file_option = option + "_file"
+    if values[file_option]:
+        path = values[file_option]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(file_option, f"cannot read {path}: {e}") from None
+        try:
+            keys.extend(parse_api_keys(lines, path))
+        except ValueError as e:
+            raise ConfigError(file_option, str(e)) from None
+    return keys
+
+
+def _admin_keys(values: dict[str, Any], producer_keys: list[ApiKey]) -> tuple[ApiKey, ...]:
+    """
+    The operator keys of the alerts API: ``admin_keys`` then ``admin_keys_file``, ids unique,
+    and no secret that is also a producer key's (a producer must never be able to read or
+    annotate alerts, and an operator's key must not be usable to ingest).  The error names the
+    option the clashing admin key came from, never the secret.
+    """
+    inline = len(_keys_of({**values, "admin_keys_file": None}, "admin_keys"))
+    admin = _keys_of(values, "admin_keys")
+    seen: set[str] = set()
+    producer_secrets = [k.secret for k in producer_keys]
+    for n, key in enumerate(admin):
+        option = "admin_keys" if n < inline else "admin_keys_file"
+        if key.key_id in seen:
+            raise ConfigError(option, f"admin key id {key.key_id!r} is defined twice")
+        seen.add(key.key_id)
+        if any(hmac.compare_digest(key.secret, s) for s in producer_secrets):
+            raise ConfigError(option, f"admin key {key.key_id!r} has the secret of a producer key (api_keys); "
+                                      "admin keys must be distinct from producer keys")
+    return tuple(admin)
+
+
+def _secret_file(option: str, path: str) -> str:
+    """The text of a secret file; the error names ``option`` and the path, never the content."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(65537)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(option, f"cannot read {path}: {reason}") from None
+
+
+def _secret_lines(option: str, path: str) -> list[str]:
+    lines = [line.strip() for line in _secret_file(option, path).splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _webhook_secrets(values: dict[str, Any]) -> None:
+    """
+    The processor webhooks' secrets (docs/producers.md, "Processor webhooks"): each option and
+    its ``_file`` together (the option's first), as bytes; Adyen's keys hex-decoded; and
+    ``id_hash_key`` (at least 16 bytes), required once a webhook is on.  Errors name the option
+    (and the entry's position), never a secret.
+    """
+    stripe = list(values["stripe_webhook_secret"])
+    if values["stripe_webhook_secret_file"]:
+        path = values["stripe_webhook_secret_file"]
+        stripe.extend(_secret_lines("stripe_webhook_secret_file", path))
+        if not stripe:
+            raise ConfigError("stripe_webhook_secret_file", f"{path} holds no secret")
+    values["stripe_webhook_secret"] = tuple(s.encode("utf-8") for s in stripe)
+
+    adyen: list[bytes] = []
+    sources = [("adyen_hmac_key", list(values["adyen_hmac_key"]))]
+    if values["adyen_hmac_key_file"]:
+        path = values["adyen_hmac_key_file"]
+        lines = _secret_lines("adyen_hmac_key_file", path)
+        if not lines:
+            raise ConfigError("adyen_hmac_key_file", f"{path} holds no key")
+        sources.append(("adyen_hmac_key_file", lines))
+    for option, texts in sources:
+        for n, text in enumerate(texts, 1):
+            try:
+                adyen.append(parse_hmac_key(text))
+            except ValueError as e:
+                raise ConfigError(option, f"entry {n}: {e}") from None
+    values["adyen_hmac_key"] = tuple(adyen)
+
+    key, option = values["id_hash_key"], "id_hash_key"
+    if values["id_hash_key_file"]:
+        if key is not None:
+            raise ConfigError("id_hash_key_file", "set id_hash_key or id_hash_key_file, not both")
+        path, option = values["id_hash_key_file"], "id_hash_key_file"
+        key = _secret_file(option, path).removesuffix("\n").removesuffix("\r")
+        if not key:
+            raise ConfigError(option, f"{path} is empty")
+    if key is not None:
+        raw = key.encode("utf-8")
+        if len(raw) < MIN_ID_HASH_KEY_BYTES:
+            raise ConfigError(option, f"must be at least {MIN_ID_HASH_KEY_BYTES} bytes")
+        values["id_hash_key"] = raw
+    elif stripe or adyen:
+        on = " and ".join(n for n, v in (("stripe_webhook_secret", stripe), ("adyen_hmac_key", adyen)) if v)
+        raise ConfigError("id_hash_key", f"is required when a processor webhook is on ({on} is set): the key of "
+                                         f"every *_hash the webhooks make, at least {MIN_ID_HASH_KEY_BYTES} bytes")
 
 
 _CREDENTIALS = ("$CREDENTIALS_DIRECTORY", "${CREDENTIALS_DIRECTORY}")
@@ -547,28 +724,14 @@ def load_settings(
         else:
             values[option.name] = option.default
 
-    for name in ("api_keys_file", "redis_password_file"):
+    for name in ("api_keys_file", "admin_keys_file", "redis_password_file", "stripe_webhook_secret_file",
+                 "adyen_hmac_key_file", "id_hash_key_file"):
         if values[name]:
             values[name] = _credential_path(name, values[name], env)
     if values["redis_password_file"]:
         values["redis_url"] = _with_password_file(values["redis_url"], values["redis_password_file"])
 
-    keys: list[ApiKey] = []
-    try:
-        keys.extend(parse_api_keys(values["api_keys"], "api_keys"))
-    except ValueError as e:
-        raise ConfigError("api_keys", str(e)) from None
-    if values["api_keys_file"]:
-        path = values["api_keys_file"]
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError("api_keys_file", f"cannot read {path}: {e}") from None
-        try:
-            keys.extend(parse_api_keys(lines, path))
-        except ValueError as e:
-            raise ConfigError("api_keys_file", str(e)) from None
+    keys = _keys_of(values, "api_keys")
     keys.extend(legacy.api_keys)
     seen: set[str] = set()
     for key in keys:
@@ -576,7 +739,9 @@ def load_settings(
             raise ConfigError("api_keys", f"key id {key.key_id!r} is defined twice")
         seen.add(key.key_id)
     values["api_keys"] = tuple(keys)
+    values["admin_keys"] = _admin_keys(values, keys)
     values["revoked_keys"] = legacy.revoke(values["revoked_keys"], keys)
+    _webhook_secrets(values)
 
     consumers = []
     for index, table in enumerate(consumer_tables):

@@ -53,17 +53,22 @@ from payflux.events import EventValidator, ValidationPolicy
 from payflux.exporters import file as file_exporter
 from payflux.exporters.metrics import bind_exporter_metrics
 from payflux.goenv import log_go_env
+from payflux.ingest.alerts import AlertsApi
 from payflux.ingest.app import IngestApp, IngestLimits
-from payflux.ingest.auth import Authenticator
+from payflux.ingest.auth import AdminAuthenticator, Authenticator
 from payflux.ingest.fastpath import FastIngestFactory
 from payflux.ingest.http import BoundedRequest, IngestSite
 from payflux.ingest.ratelimit import RateLimiter
 from payflux.ingest.side import SideApp
+from payflux.ingest.webhooks import WebhookReceiver, build_hooks
 from payflux.observability.metrics import Metrics
 from payflux.observability.status import alerts_stream_key
 from payflux.redis.connect import connect
 from payflux.redis.target import RedisTarget, parse_redis_url
 from payflux.redis.txadapter import ConnectionWatch, close_pool
+from payflux.risk.health import processors_answer
+from payflux.risk.report import summarize
+from payflux.risk.store import AlertStore
 from payflux.streams.embedded import EmbeddedRedis, EmbeddedRedisError
 from payflux.streams.keys import StreamKeys
 from payflux.streams.writer import StreamWriter
@@ -489,6 +494,9 @@ def _add_consumers(
         bind_redis = getattr(handler, "bind_redis", None)  # handlers that write to Redis (risk alerts)
         if bind_redis is not None:
             bind_redis(pool, keys)
+        bind_alert_store = getattr(handler, "bind_alert_store", None)  # the risk consumer: the alerts API's store
+        if bind_alert_store is not None:
+            bind_alert_store(alert_store(settings, pool, reactor))
         consumer = ConsumerService(
             config,
             handler,
@@ -632,6 +640,24 @@ class _TaggedRequest(BoundedRequest):
         super().process()
 
 
+def alert_store(settings: Settings, pool: RedisPool, reactor) -> AlertStore:
+    """The alert store (``<prefix>:{alerts}:...``) on ``pool``, retention on the reactor's clock."""
+    return AlertStore(pool, settings.stream_prefix, settings.alerts_retention_days, reactor.seconds)
+
+
+def alerts_api(settings: Settings, pool: RedisPool, metrics: Metrics, reactor) -> tuple[AlertsApi, Any]:
+    """The side listener's alerts API (admin keys only) and the status page's risk loop summary."""
+    store = alert_store(settings, pool, reactor)
+    api = AlertsApi(store, AdminAuthenticator(settings.admin_keys, settings.api_keys), metrics, reactor.seconds,
+                    timeout=settings.redis_timeout, reactor=reactor)
+    def risk_loop() -> Deferred:
+        """The status page's risk panels: the report's summary and, as ``health``, processor health."""
+        return store.since(None).addCallback(summarize).addCallback(
+            lambda summary: store.health().addCallback(lambda snapshot: {**summary, "health": processors_answer(snapshot)}))
+
+    return api, risk_loop
+
+
 def add_redis(node: Node, settings: Settings, reactor, metrics: Metrics | None = None) -> RedisPool:
     """The embedded redis-server (when no ``redis_url``) and the pool, added to ``node``."""
     if settings.redis_url:
@@ -753,6 +779,14 @@ def build_node(
         log.warn("INSECURE DEV MODE: requests without an API key are accepted (key id 'dev')")
     if ingest_fd is None:  # a --workers supervisor logs it once, never each worker
         log_go_env(settings)
+    hooks = build_hooks(settings.stripe_webhook_secret, settings.adyen_hmac_key, settings.id_hash_key)
+    webhooks = None
+    if hooks:
+        # outcome signals are recorded on the alert store, as the side listener's alerts API does
+        webhooks = WebhookReceiver(hooks, alert_store(settings, pool, reactor), metrics, reactor.seconds,
+                                   timeout=settings.redis_timeout, reactor=reactor)
+        if ingest_fd is None:
+            log.info("processor webhooks on: {routes}", routes=", ".join(f"POST /v1/webhooks/{p}" for p in hooks))
     app = IngestApp(
         validator=EventValidator(
             ValidationPolicy(settings.future_skew, settings.unknown_fields, settings.layout == "seed"),
@@ -772,11 +806,14 @@ def build_node(
         ping=ping,
         seconds=reactor.seconds,
         serve_metrics=settings.ingest_metrics,
+        webhooks=webhooks,
     )
 
     node.side_listener = None
     if settings.metrics_listen:
-        side = SideApp(app, alerts_stream=alerts_stream_key(settings.stream_prefix, settings.consumers))
+        api, risk_loop = alerts_api(settings, pool, metrics, reactor)
+        side = SideApp(app, alerts_stream=alerts_stream_key(settings.stream_prefix, settings.consumers),
+                       alerts=api, risk_loop=risk_loop)
         node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
         node.side_listener.setServiceParent(node)
     node.ingest_listener = None

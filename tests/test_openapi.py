@@ -10,6 +10,11 @@ from payflux.cli import sample_event
 from payflux.events import ALIASES, FIELDS, EventInvalid, EventValidator, ValidationPolicy
 from payflux.ingest.app import IngestApp, IngestLimits
 from payflux.ingest.openapi import EVENT_SCHEMA, openapi_document
+from payflux.ingest.side import SideApp, WorkersSideApp
+from payflux.risk.store import OUTCOME_TYPES
+
+ALERT_PATHS = {"/v1/alerts": "get", "/v1/alerts/{alert_id}": "get", "/v1/alerts/{alert_id}/outcome": "post",
+               "/v1/risk/processors": "get", "/v1/risk/retry-advice": "get"}  # the side listener's
 
 LIMITS = IngestLimits(65536, 1 << 20, 1000, 50000, 2.0)
 
@@ -64,8 +69,72 @@ class OpenApiTests(SynchronousTestCase):
     def test_document_lists_every_route_and_status(self):
         doc = openapi_document(LIMITS)
         routes = {str(rule) for rule in IngestApp.app.url_map.iter_rules()}
-        self.assertEqual(routes, set(doc["paths"]))
+        self.assertEqual(routes, set(doc["paths"]) - set(ALERT_PATHS))
         for path in ("/v1/events/payment_exhaust", "/v1/events/payment_exhaust/batch"):
             codes = set(doc["paths"][path]["post"]["responses"])
             self.assertEqual(codes, {"202", "400", "401", "409", "413", "415", "422", "429", "503"})
         self.assertIn("1000 events", doc["paths"]["/v1/events/payment_exhaust/batch"]["post"]["requestBody"]["description"])
+
+    def test_webhook_paths_take_no_bearer_key_and_list_their_answers(self):
+        doc = openapi_document(LIMITS)
+        stripe, adyen = (doc["paths"][p]["post"] for p in ("/v1/webhooks/stripe", "/v1/webhooks/adyen"))
+        for operation in (stripe, adyen):
+            self.assertEqual(operation["security"], [])
+            self.assertEqual(set(operation["responses"]), {"200", "400", "401", "404", "413", "503"})
+            self.assertIn("Retry-After", operation["responses"]["503"]["headers"])
+        self.assertEqual([p["name"] for p in stripe["parameters"]], ["Stripe-Signature"])
+        self.assertEqual(stripe["responses"]["200"]["content"]["application/json"]["schema"]["example"],
+                         {"received": True})
+        self.assertEqual(adyen["responses"]["200"]["content"]["text/plain"]["schema"]["enum"], ["[accepted]"])
+        self.assertIn("262144 bytes", stripe["requestBody"]["description"])
+        self.assertIn("1048576 bytes", adyen["requestBody"]["description"])
+
+
+class AlertsApiDocumentTests(SynchronousTestCase):
+    def test_alerts_api_paths_are_the_side_listeners_routes_with_admin_security(self):
+        doc = openapi_document(LIMITS)
+        for app in (SideApp, WorkersSideApp):
+            routes = {(str(rule), method) for rule in app.app.url_map.iter_rules() for method in rule.methods
+                      if str(rule).startswith("/v1/")}
+            self.assertEqual({(r, m) for r, m in routes if m in ("GET", "POST")},
+                             {("/v1/alerts", "GET"), ("/v1/alerts/<path:alert_path>", "GET"),
+                              ("/v1/alerts/<path:alert_path>", "POST"), ("/v1/risk/processors", "GET"),
+                              ("/v1/risk/retry-advice", "GET")})
+        self.assertEqual(doc["components"]["securitySchemes"]["admin"]["scheme"], "bearer")
+        for path, method in ALERT_PATHS.items():
+            operation = doc["paths"][path][method]
+            self.assertEqual(operation["security"], [{"admin": []}], path)
+            self.assertIn("side listener", operation["servers"][0]["description"])
+            self.assertLessEqual({"401", "403", "503"}, set(operation["responses"]), path)
+        outcome = doc["paths"]["/v1/alerts/{alert_id}/outcome"]["post"]
+        self.assertEqual(set(outcome["responses"]), {"201", "400", "401", "403", "404", "409", "413", "415", "422",
+                                                     "503"})
+        request = doc["components"]["schemas"]["AlertOutcomeRequest"]
+        self.assertEqual(request["properties"]["outcome_type"]["enum"], list(OUTCOME_TYPES))
+        self.assertEqual(request["required"], ["outcome_type", "observed_at"])
+        listing = {p["name"] for p in doc["paths"]["/v1/alerts"]["get"]["parameters"]}
+        self.assertEqual(listing, {"state", "type", "processor", "merchant", "since", "limit", "cursor"})
+
+    def test_risk_feeds_are_documented_with_admin_security(self):
+        doc = openapi_document(LIMITS)
+        schemas = doc["components"]["schemas"]
+        processor = schemas["RiskProcessors"]["properties"]["processors"]["items"]
+        self.assertEqual(set(processor["required"]), {"processor", "score", "band", "drivers", "trajectory",
+                                                      "sample_size", "insufficient_volume", "merchants", "geos"})
+        self.assertEqual(processor["properties"]["band"]["enum"], ["low", "elevated", "high", "critical"])
+        self.assertEqual(processor["properties"]["trajectory"]["enum"], ["accelerating", "decelerating", "steady"])
+        driver = schemas["HealthDriver"]
+        self.assertEqual(set(driver["required"]), {"name", "value", "baseline", "contribution"})
+        self.assertEqual(driver["properties"]["name"]["enum"], [
+            "high_failure_rate", "retry_pressure_spike", "timeout_clustering", "traffic_volatility",
+            "auth_failure_cluster", "geo_entropy_increase"])
+        advice = schemas["RetryAdvice"]
+        self.assertEqual(advice["properties"]["advice"]["enum"], ["retry", "wait", "avoid"])
+        self.assertEqual(set(advice["required"]), {"processor", "failure_category", "advice", "retry_success_rate",
+                                                   "baseline", "sample_size", "window_seconds", "as_of"})
+        for path in ("/v1/risk/processors", "/v1/risk/retry-advice"):
+            operation = doc["paths"][path]["get"]
+            self.assertEqual(operation["security"], [{"admin": []}], path)
+            self.assertEqual(set(operation["responses"]), {"200", "400", "401", "403", "503"}, path)
+        params = doc["paths"]["/v1/risk/retry-advice"]["get"]["parameters"]
+        self.assertEqual([(p["name"], p["required"]) for p in params], [("processor", True), ("failure_category", True)])

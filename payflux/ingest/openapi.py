@@ -2,7 +2,9 @@
 The OpenAPI 3.0 document served at ``/openapi.json``.
 
 It is written by hand to say exactly what the app does; ``tests/test_openapi.py`` checks it
-against the validator's field rules and the app's real responses.
+against the validator's field rules and the app's real responses.  The alerts API of the side
+listener and the risk feeds' schemas are in :mod:`payflux.ingest.openapi_risk`, the processor
+webhook routes in :mod:`payflux.ingest.openapi_webhooks`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from payflux.events import ALIASES, CASE_FOLDED, FIELDS, INT_FIELDS, REQUIRED, SCHEMA_VERSION, STRING_FIELDS
+from payflux.ingest import openapi_risk, openapi_webhooks
 
 # RFC 3339 with offset, the shape payflux.events checks (it also checks the calendar and range).
 TIMESTAMP_PATTERN = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
@@ -180,17 +183,21 @@ def openapi_document(limits) -> dict:
         "openapi": "3.0.3",
         "info": {"title": "PayFlux ingest API", "version": "1"},
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An api_keys secret."},
+                                "admin": openapi_risk.ADMIN_SCHEME},
             "schemas": {
                 "PaymentExhaustEvent": EVENT_SCHEMA,
                 "Error": ERROR_SCHEMA,
                 "SingleAccepted": single_ok,
                 "BatchResult": batch_result,
                 "BatchAccepted": batch_ok,
+                **openapi_risk.SCHEMAS,
             },
         },
         "security": [{"bearer": []}],
         "paths": {
+            **openapi_risk.PATHS,
+            **openapi_webhooks.PATHS,
             "/v1/events/payment_exhaust": {
                 "post": {
                     "summary": "Append one event; 202 only after Redis holds it.",

@@ -13,10 +13,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from payflux.exporters.metrics import ExporterMetrics
 
+#: Alert lead times: 1 s to 24 h.
+LEAD_TIME_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 IGNORED_FIELD_LABELS = 64
+#: Distinct ``event_type`` labels of ``payflux_webhook_events_total`` per processor, then ``<other>``.
+WEBHOOK_TYPE_LABELS = 64
 
 
 class Metrics:
@@ -87,6 +91,63 @@ class Metrics:
         self.draining = Gauge("payflux_draining", "1 while the node drains for shutdown.", registry=r)
         self.consumers = ConsumerMetrics(r)
         self.exporters = ExporterMetrics(r)
+        self.outcome_lead_time = Histogram(
+            "payflux_alert_outcome_lead_time_seconds",
+            "Seconds from an alert opening to the processor action an operator recorded for it "
+            "(POST /v1/alerts/{id}/outcome, or a processor webhook's signal: observed_at - opened_at).",
+            ["alert_type", "outcome_type"],
+            buckets=LEAD_TIME_BUCKETS,
+            registry=r,
+        )
+        self.outcomes_late = Counter(
+            "payflux_alert_outcomes_late",
+            "Recorded outcomes observed before their alert opened (negative lead time; not in the histogram).",
+            ["alert_type", "outcome_type"],
+            registry=r,
+        )
+        self._webhook_metrics(r)
+
+    def _webhook_metrics(self, r: CollectorRegistry) -> None:
+        """The processor webhooks' families (docs/producers.md, "Processor webhooks": "Metrics")."""
+        self.webhook_requests = Counter(
+            "payflux_webhook_requests",
+            "Processor webhook deliveries by processor and result (accepted, duplicate, ignored, invalid_event, "
+            "conflict, rejected_signature, rejected_malformed, too_large, unavailable).",
+            ["processor", "result"],
+            registry=r,
+        )
+        self.webhook_events = Counter(
+            "payflux_webhook_events",
+            "Events of processor webhook deliveries by processor, processor event type and outcome (accepted, "
+            "duplicate, invalid, conflict, or the reason it was ignored).",
+            ["processor", "event_type", "outcome"],
+            registry=r,
+        )
+        self._webhook_types: dict[str, set[str]] = {}
+        self.webhook_outcomes = Counter(
+            "payflux_webhook_outcomes_recorded",
+            "Outcomes recorded on open alerts from processor webhook signals (disputes, fraud notices, reviews).",
+            ["processor"],
+            registry=r,
+        )
+        self.webhook_outcome_failures = Counter(
+            "payflux_webhook_outcome_failures",
+            "Outcome signals of processor webhooks that could not be recorded (Redis unavailable, alert full, ...); "
+            "the delivery was acknowledged anyway.",
+            ["processor"],
+            registry=r,
+        )
+
+    def count_webhook_event(self, processor: str, event_type: str, outcome: str, count: int = 1) -> None:
+        """Count ``count`` events of one processor webhook delivery; at most
+        :data:`WEBHOOK_TYPE_LABELS` event types per processor, then ``<other>``."""
+        known = self._webhook_types.setdefault(processor, set())
+        if event_type not in known:
+            if len(known) >= WEBHOOK_TYPE_LABELS:
+                event_type = "<other>"
+            else:
+                known.add(event_type)
+        self.webhook_events.labels(processor, event_type, outcome).inc(count)
 
     def count_ignored(self, labels: list[str]) -> None:
         """Count dropped unknown fields; label cardinality stays bounded (``<other>``)."""
@@ -98,6 +159,13 @@ class Metrics:
                 else:
                     known.add(label)
             self.ignored_fields.labels(label).inc()
+
+    def observe_outcome(self, alert_type: str, outcome_type: str, lead_time_seconds: float) -> None:
+        """One recorded outcome: its lead time in the histogram, or, if negative, counted as late."""
+        if lead_time_seconds < 0:
+            self.outcomes_late.labels(alert_type, outcome_type).inc()
+        else:
+            self.outcome_lead_time.labels(alert_type, outcome_type).observe(lead_time_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -209,8 +277,17 @@ WORKER_FAMILIES = frozenset(
         "payflux_inflight_events",
         "payflux_http_fallbacks",
         "payflux_draining",
+        "payflux_webhook_requests",
+        "payflux_webhook_events",
+        "payflux_webhook_outcomes_recorded",
+        "payflux_webhook_outcome_failures",
     }
 )
+
+#: Families both the supervisor (the alerts API on its side listener) and its workers (the
+#: processor webhooks' outcome signals) count: the supervisor's /metrics shows its own samples
+#: plus the workers'.
+SHARED_FAMILIES = frozenset({"payflux_alert_outcome_lead_time_seconds", "payflux_alert_outcomes_late"})
 
 #: Gauges combined with max instead of sum: "is any worker draining".
 _MAX_GAUGES = frozenset({"payflux_draining"})
@@ -256,7 +333,7 @@ class WorkerTotals:
         from prometheus_client.parser import text_string_to_metric_families
 
         for family in text_string_to_metric_families(text):
-            if family.name in WORKER_FAMILIES:
+            if family.name in WORKER_FAMILIES or family.name in SHARED_FAMILIES:
                 yield family
 
     def retire(self, text: str) -> None:
@@ -287,7 +364,17 @@ class WorkerTotals:
                     key = (s.name, tuple(sorted(s.labels.items())))
                     samples[key] = combine(samples[key], s.value) if key in samples else s.value
 
-        families = [f for f in own.collect() if f.name not in WORKER_FAMILIES]
+        families = []
+        for family in own.collect():
+            if family.name in SHARED_FAMILIES:
+                meta.setdefault(family.name, (family.documentation, family.type))
+                samples = totals.setdefault(family.name, {})
+                for s in family.samples:
+                    if not s.name.endswith("_created"):
+                        key = (s.name, tuple(sorted(s.labels.items())))
+                        samples[key] = samples.get(key, 0.0) + s.value
+            elif family.name not in WORKER_FAMILIES:
+                families.append(family)
         for name in sorted(totals):
             documentation, kind = meta[name]
             metric = Metric(name, documentation, kind)
