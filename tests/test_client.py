@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import threading
+import textwrap
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -864,11 +865,21 @@ class RedisOutage(NodeCase):
 class DocsExamples(NodeCase):
     """docs/producers.md's sync and asyncio examples, run as written, in a fresh interpreter."""
 
-    def examples(self) -> dict[str, str]:
-        with open(os.path.join(ROOT, "docs", "producers.md"), encoding="utf-8") as f:
+    def examples(self, path: str = os.path.join("docs", "producers.md")) -> dict[str, str]:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
             text = f.read()
-        return {m.group(1): m.group(0).split("\n", 1)[1].rsplit("```", 1)[0]
-                for m in re.finditer(r"```python\n# example: (\w+)\n.*?```", text, re.S)}
+        return {m.group(2): textwrap.dedent(m.group(1) + m.group(0).split("\n", 1)[1].rsplit("```", 1)[0])
+                for m in re.finditer(r"( *)```python\n *# example: (\w+)\n.*?```", text, re.S)}
+
+    def test_readme_example_runs_against_a_node(self):
+        examples = self.examples("README.md")
+        self.assertEqual(sorted(examples), ["readme"])
+        env = clean_env(PAYFLUX_URL=self.url, PAYFLUX_API_KEY=SECRET, PAYFLUX_HASH_KEY=HASH_KEY)
+        out = subprocess.run([sys.executable, "-c", examples["readme"]], capture_output=True, text=True, cwd=ROOT,
+                             env=env, timeout=60)
+        self.assertEqual(out.returncode, 0, f"{out.stdout}\n{out.stderr}")
+        self.assertEqual(out.stdout.strip(), "accepted 1")
+        self.assertEqual(self.redis.sync_command("XLEN", "payflux:{0}:events"), 1)
 
     def test_examples_run_against_a_node(self):
         examples = self.examples()
