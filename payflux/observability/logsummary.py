@@ -69,6 +69,12 @@ def reset(previous: tuple[float, Any]) -> None:
 _shared: dict[str, "RepeatedLog"] = {}
 
 
+def forget_shared() -> None:
+    """Drop every process-wide :class:`RepeatedLog` of :func:`repeated` (tests: the next line of
+    each kind is then written at once, to the logger its next caller passes)."""
+    _shared.clear()
+
+
 def repeated(kind: str, logger: Logger | None = None) -> "RepeatedLog":
     """The process-wide :class:`RepeatedLog` of ``kind`` (created on first use, default interval and clock)."""
     found = _shared.get(kind)
