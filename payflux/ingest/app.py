@@ -34,6 +34,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from payflux.events import EventValidator, MalformedJSON, decode_batch_body, decode_event_body
 from payflux.ingest.auth import Authenticator
 from payflux.ingest.errors import ApiError, unavailable
+from payflux.ingest.http import SMALL_BODY_LIMIT
 from payflux.ingest.openapi import openapi_document
 from payflux.ingest.ratelimit import RateLimiter
 from payflux.observability.logsummary import repeated
@@ -49,7 +50,6 @@ for _status in (HTTPStatus.UNPROCESSABLE_ENTITY, HTTPStatus.TOO_MANY_REQUESTS,
 
 SINGLE_PATH = b"/v1/events/payment_exhaust"
 BATCH_PATH = b"/v1/events/payment_exhaust/batch"
-SMALL_BODY_LIMIT = 8192
 
 
 @attrs.frozen

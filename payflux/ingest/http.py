@@ -47,6 +47,10 @@ from payflux.ingest.errors import ApiError, too_large
 
 log = Logger()
 
+#: The body cap (bytes) of every path of the ingest listener without its own (the ingest and
+#: webhook paths have theirs): /health, /ready, /metrics, /openapi.json, unknown paths.
+SMALL_BODY_LIMIT = 8192
+
 #: After an early answer, how long (seconds) and how many bytes the client may still send,
 #: read and discarded, before the connection is closed (see "lingering close" above).
 LINGER_SECONDS = 2.0

@@ -2,17 +2,26 @@
 The OpenAPI 3.0 document served at ``/openapi.json``.
 
 It is written by hand to say exactly what the app does; ``tests/test_openapi.py`` checks it
-against the validator's field rules and the app's real responses.  The alerts API of the side
-listener and the risk feeds' schemas are in :mod:`payflux.ingest.openapi_risk`, the processor
-webhook routes in :mod:`payflux.ingest.openapi_webhooks`.
+against the validator's field rules and the app's real responses, ``tests/test_generated_client.py``
+against a client generated from it.  The alerts API of the side listener and the risk feeds'
+schemas are in :mod:`payflux.ingest.openapi_risk`, the processor webhook routes in
+:mod:`payflux.ingest.openapi_webhooks`.
+
+Every operation has a stable ``operationId`` (a generated client's function names: renaming one
+breaks its callers) and one tag; every status it can be answered with is listed, the ingest
+listener's HTTP-layer answers included (:func:`listener_errors`); the ``error`` of every error
+body is the ``ErrorCode`` enum, :data:`payflux.ingest.errors.ERROR_CODES`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from payflux.config import OPTIONS
 from payflux.events import ALIASES, CASE_FOLDED, FIELDS, INT_FIELDS, REQUIRED, SCHEMA_VERSION, STRING_FIELDS
 from payflux.ingest import openapi_risk, openapi_webhooks
+from payflux.ingest.errors import ERROR_CODES
+from payflux.ingest.http import SMALL_BODY_LIMIT, IngestChannel
 
 # RFC 3339 with offset, the shape payflux.events checks (it also checks the calendar and range).
 TIMESTAMP_PATTERN = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
@@ -90,20 +99,32 @@ def _event_schema() -> dict[str, Any]:
 
 EVENT_SCHEMA = _event_schema()
 
+ERROR_CODE_SCHEMA = {
+    "type": "string",
+    "enum": list(ERROR_CODES),
+    "description": "What went wrong, machine-readable and stable; every code either listener sends "
+                   "(payflux/ingest/errors.py, ERROR_CODES, says which status and where). A new code is "
+                   "a new version of this document.",
+}
+
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error", "message"],
+    "description": "Every error answer's body. message is for people (it never quotes a request value).",
     "properties": {
-        "error": {"type": "string"},
+        "error": {"$ref": "#/components/schemas/ErrorCode"},
         "message": {"type": "string"},
         "details": {
             "type": "array",
+            "description": "Field-level problems (422, and the alerts API's 400), each one listed.",
             "items": {
                 "type": "object",
                 "properties": {
                     "line": {"type": "integer", "description": "1-based event position in a batch."},
                     "field": {"type": "string"},
-                    "code": {"type": "string"},
+                    "code": {"type": "string", "description": "The field's problem, e.g. required, format, "
+                                                              "type, out_of_range, pan_detected: a free string, "
+                                                              "not an enum (new field checks may add codes)."},
                     "message": {"type": "string"},
                     "event_id": {"type": "string"},
                 },
@@ -111,6 +132,20 @@ ERROR_SCHEMA = {
         },
     },
 }
+
+#: The ingest listener's default address (config.py's ``listen`` default, every interface).
+INGEST_PORT = next(o.default for o in OPTIONS if o.name == "listen").rsplit(":", 1)[1]
+SERVERS = [{"url": f"http://localhost:{INGEST_PORT}",
+            "description": "the ingest listener (listen, default tcp:%s on every interface)" % INGEST_PORT}]
+
+TAGS = [
+    {"name": "ingest", "description": "Producers append payment_exhaust events (an api_keys key)."},
+    {"name": "webhooks", "description": "Stripe and Adyen deliver their webhooks (signed by the processor, "
+                                        "no key); on only when their secret is configured."},
+    {"name": "alerts", "description": "Operators read alerts and record outcomes (side listener, admin key)."},
+    {"name": "risk", "description": "Processor health and retry advice (side listener, admin key)."},
+    {"name": "operations", "description": "Liveness, readiness, metrics and this document (no key)."},
+]
 
 
 def _error(description: str, retry_after: bool = False) -> dict:
@@ -123,21 +158,59 @@ def _error(description: str, retry_after: bool = False) -> dict:
     return response
 
 
-def _ingest_errors() -> dict:
+HEAD_400 = ("A malformed request head or chunked body: bad_request (request line, header line), "
+            "bad_content_length (not a number, twice), bad_transfer_encoding (not chunked, twice), bad_framing "
+            "(Content-Length with Transfer-Encoding), bad_chunk.")
+
+
+def listener_errors(cap: str, head_400: str = HEAD_400) -> dict:
+    """
+    What any request on the ingest listener can be answered by its HTTP layer before (or beside)
+    its route (payflux/ingest/http.py, docs/security.md): a bad head (400), a head too slow (408),
+    too long (414) or too large (431), a body over ``cap`` (413); and the route-independent 500.
+    Each ends the connection, except the 500.
+    """
     return {
-        "400": _error(
-            "Malformed JSON (invalid UTF-8, duplicate keys, NaN, too deep, bad NDJSON line), or a bad request"
-            " head: bad or duplicate Content-Length, Content-Length with Transfer-Encoding, bad chunk size,"
-            " two Authorization headers."
-        ),
-        "401": _error("Missing, unknown or revoked API key."),
-        "409": _error("event_id already used with a different payload; nothing was written."),
-        "413": _error("Body larger than the configured cap (checked while reading)."),
-        "415": _error("Unsupported Content-Type."),
-        "422": _error("Schema violation; details list every bad field (and line, for batches)."),
-        "429": _error("Per-key event rate exceeded.", retry_after=True),
-        "503": _error("Redis unavailable or slow, node overloaded or draining; nothing was written.", retry_after=True),
+        "400": _error(head_400),
+        "408": _error("request_timeout: the request head was not complete within header_timeout seconds of its "
+                      "first byte."),
+        "413": _error(f"payload_too_large: body larger than {cap} (checked while reading)."),
+        "414": _error(f"uri_too_long: request line longer than {IngestChannel.MAX_LENGTH} bytes."),
+        "431": _error(f"headers_too_large: headers over {IngestChannel.totalHeadersSize} bytes or "
+                      f"{IngestChannel.maxHeaders} fields."),
+        "500": _error("internal: an unexpected failure (logged; the answer never carries a traceback)."),
     }
+
+
+def responses(*groups: dict) -> dict:
+    """``groups`` merged (a later group's status wins), in status order."""
+    merged: dict = {}
+    for group in groups:
+        merged.update(group)
+    return dict(sorted(merged.items()))
+
+
+def _on_ingest_listener(paths: dict) -> dict:
+    """``paths`` (their own answers win) with the ingest listener's HTTP-layer answers added."""
+    return {path: {method: {**operation, "responses": responses(listener_errors("the path's cap"),
+                                                                operation["responses"])}
+                   for method, operation in item.items()}
+            for path, item in paths.items()}
+
+
+def _ingest_errors(cap: str) -> dict:
+    return responses(listener_errors(cap, HEAD_400[:-1] + "; malformed_json: the body is not strict JSON (invalid "
+                                     "UTF-8, duplicate keys, NaN, too deep, a bad NDJSON line); "
+                                     "duplicate_authorization: two Authorization headers."), {
+        "401": _error("unauthorized: missing, unknown or revoked API key, or a key in the query string."),
+        "409": _error("conflict: event_id already used with a different payload; nothing was written."),
+        "415": _error("unsupported_media_type: unsupported Content-Type."),
+        "422": _error("invalid_event: schema violation, details list every bad field (and line, for batches); "
+                      "too_many_events: a batch over max_batch_events."),
+        "429": _error("rate_limited: per-key event rate exceeded.", retry_after=True),
+        "503": _error("draining, overloaded, redis_unavailable or replicas_not_acked: nothing was acknowledged; "
+                      "retry (with the same event_id) after Retry-After.", retry_after=True),
+    })
 
 
 IGNORED_FIELDS = {
@@ -179,15 +252,19 @@ def openapi_document(limits) -> dict:
         },
     }
     status_doc = {"type": "object", "properties": {"status": {"type": "string"}, "message": {"type": "string"}}}
+    small = f"{SMALL_BODY_LIMIT} bytes"
     return {
         "openapi": "3.0.3",
         "info": {"title": "PayFlux ingest API", "version": "1"},
+        "servers": SERVERS,
+        "tags": TAGS,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An api_keys secret."},
                                 "admin": openapi_risk.ADMIN_SCHEME},
             "schemas": {
                 "PaymentExhaustEvent": EVENT_SCHEMA,
                 "Error": ERROR_SCHEMA,
+                "ErrorCode": ERROR_CODE_SCHEMA,
                 "SingleAccepted": single_ok,
                 "BatchResult": batch_result,
                 "BatchAccepted": batch_ok,
@@ -197,9 +274,11 @@ def openapi_document(limits) -> dict:
         "security": [{"bearer": []}],
         "paths": {
             **openapi_risk.PATHS,
-            **openapi_webhooks.PATHS,
+            **_on_ingest_listener(openapi_webhooks.PATHS),
             "/v1/events/payment_exhaust": {
                 "post": {
+                    "operationId": "ingestEvent",
+                    "tags": ["ingest"],
                     "summary": "Append one event; 202 only after Redis holds it.",
                     "requestBody": {
                         "required": True,
@@ -213,12 +292,14 @@ def openapi_document(limits) -> dict:
                             "description": "Appended, or a duplicate of an earlier identical event.",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SingleAccepted"}}},
                         },
-                        **_ingest_errors(),
+                        **_ingest_errors(f"{limits.max_event_bytes} bytes (max_event_bytes)"),
                     },
                 }
             },
             "/v1/events/payment_exhaust/batch": {
                 "post": {
+                    "operationId": "ingestBatch",
+                    "tags": ["ingest"],
                     "summary": "Append a batch atomically per partition; any invalid event -> 422, nothing written.",
                     "requestBody": {
                         "required": True,
@@ -241,46 +322,60 @@ def openapi_document(limits) -> dict:
                             "description": "All events appended or recognised as duplicates.",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchAccepted"}}},
                         },
-                        **_ingest_errors(),
+                        **_ingest_errors(f"{limits.max_body_bytes} bytes (max_body_bytes)"),
                     },
                 }
             },
             "/health": {
                 "get": {
+                    "operationId": "getHealth",
+                    "tags": ["operations"],
                     "security": [],
                     "summary": "Liveness: the process is up.",
-                    "responses": {"200": {"description": "Up.", "content": {"application/json": {"schema": status_doc}}}},
+                    "responses": responses(
+                        {"200": {"description": "Up.", "content": {"application/json": {"schema": status_doc}}}},
+                        listener_errors(small)),
                 }
             },
             "/ready": {
                 "get": {
+                    "operationId": "getReady",
+                    "tags": ["operations"],
                     "security": [],
                     "summary": "Readiness: Redis answers and the node is not draining.",
-                    "responses": {
+                    "responses": responses(listener_errors(small), {
                         "200": {"description": "Ready.", "content": {"application/json": {"schema": status_doc}}},
                         "503": {
-                            "description": "Redis unreachable or draining.",
+                            "description": "Redis unreachable or draining (status redis_unavailable or draining; "
+                                           "not an Error body).",
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                             "content": {"application/json": {"schema": status_doc}},
                         },
-                    },
+                    }),
                 }
             },
             "/metrics": {
                 "get": {
+                    "operationId": "getMetrics",
+                    "tags": ["operations"],
                     "security": [],
                     "summary": "Prometheus text exposition (always on the side listener; here only with ingest_metrics).",
-                    "responses": {
+                    "responses": responses(listener_errors(small), {
                         "200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                        "404": _error("Not served on the ingest listener (ingest_metrics is off)."),
-                    },
+                        "404": _error("not_found: not served on the ingest listener (ingest_metrics is off)."),
+                    }),
                 }
             },
             "/openapi.json": {
                 "get": {
+                    "operationId": "getOpenapi",
+                    "tags": ["operations"],
                     "security": [],
                     "summary": "This document.",
-                    "responses": {"200": {"description": "OpenAPI 3 document.", "content": {"application/json": {"schema": {"type": "object"}}}}},
+                    "responses": responses(
+                        {"200": {"description": "OpenAPI 3 document.",
+                                 "content": {"application/json": {"schema": {"type": "object"}}}}},
+                        listener_errors(small)),
                 }
             },
         },

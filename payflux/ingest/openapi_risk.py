@@ -182,9 +182,11 @@ SCHEMAS: dict[str, Any] = {
 }
 
 _AUTH_ERRORS = {
-    "401": _error("No admin key, an unknown one, or admin_keys not configured on the node."),
-    "403": _error("A producer key (api_keys): the alerts API takes an admin key."),
-    "503": {**_error("Redis unavailable."), "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+    "401": _error("unauthorized: no admin key, an unknown one, or admin_keys not configured on the node."),
+    "403": _error("forbidden: a producer key (api_keys); the alerts API takes an admin key."),
+    "500": _error("internal_error: an unexpected failure (logged; the answer never carries a traceback)."),
+    "503": {**_error("redis_unavailable: Redis unavailable."),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }
 _ALERT_ID = {"name": "alert_id", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "The alert_id, percent-encoded (it holds ':', ',', '=' and may hold '%')."}
@@ -197,6 +199,8 @@ def _query(name: str, schema: dict, description: str) -> dict:
 PATHS: dict[str, Any] = {
     "/v1/alerts": {
         "get": {
+            "operationId": "listAlerts",
+            "tags": ["alerts"],
             "summary": "Stored alerts, newest first (by opened_at), with cursor paging.",
             "servers": SIDE_SERVERS,
             "security": ADMIN_SECURITY,
@@ -213,26 +217,30 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json(_ref("AlertList"), "A page of alerts."),
-                "400": _error("A bad query parameter; details name each (field, code, message)."),
+                "400": _error("invalid_request: a bad query parameter; details name each (field, code, message)."),
                 **_AUTH_ERRORS,
             },
         }
     },
     "/v1/alerts/{alert_id}": {
         "get": {
+            "operationId": "getAlert",
+            "tags": ["alerts"],
             "summary": "One alert with its transitions and outcomes.",
             "servers": SIDE_SERVERS,
             "security": ADMIN_SECURITY,
             "parameters": [_ALERT_ID],
             "responses": {
                 "200": _json(_ref("Alert"), "The alert."),
-                "404": _error("No such alert (unknown, or past alerts_retention_days)."),
+                "404": _error("not_found: no such alert (unknown, or past alerts_retention_days)."),
                 **_AUTH_ERRORS,
             },
         }
     },
     "/v1/alerts/{alert_id}/outcome": {
         "post": {
+            "operationId": "recordAlertOutcome",
+            "tags": ["alerts"],
             "summary": "Record what the processor did after the alert; answers its lead time.",
             "servers": SIDE_SERVERS,
             "security": ADMIN_SECURITY,
@@ -242,31 +250,35 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "201": _json(_ref("AlertOutcome"), "Stored on the alert; lead_time_seconds observed in "
                                                    "payflux_alert_outcome_lead_time_seconds."),
-                "400": _error("Malformed JSON."),
-                "404": _error("No such alert."),
-                "409": _error("The alert holds 100 outcomes already."),
-                "413": _error("Body larger than 16384 bytes."),
-                "415": _error("Content-Type is not application/json."),
-                "422": _error("Unknown field, wrong type or bad value; details name each field."),
+                "400": _error("malformed_json: the body is not strict JSON."),
+                "404": _error("not_found: no such alert."),
+                "409": _error("too_many_outcomes: the alert holds 100 outcomes already."),
+                "413": _error("payload_too_large: body larger than 16384 bytes."),
+                "415": _error("unsupported_media_type: Content-Type is not application/json."),
+                "422": _error("invalid_outcome: unknown field, wrong type or bad value; details name each field."),
                 **_AUTH_ERRORS,
             },
         }
     },
     "/v1/risk/processors": {
         "get": {
+            "operationId": "getProcessorHealth",
+            "tags": ["risk"],
             "summary": "Processor health now: score, band, drivers and trajectory per processor, with its top "
                        "merchants and geos.",
             "servers": SIDE_SERVERS,
             "security": ADMIN_SECURITY,
             "responses": {
                 "200": _json(_ref("RiskProcessors"), "The latest snapshot of the risk consumer."),
-                "400": _error("A query parameter (this endpoint takes none)."),
+                "400": _error("invalid_request: a query parameter (this endpoint takes none)."),
                 **_AUTH_ERRORS,
             },
         }
     },
     "/v1/risk/retry-advice": {
         "get": {
+            "operationId": "getRetryAdvice",
+            "tags": ["risk"],
             "summary": "Retry, wait or avoid: the live success rate of retries of one failure category on one "
                        "processor against its baseline.",
             "servers": SIDE_SERVERS,
@@ -279,7 +291,8 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json(_ref("RetryAdvice"), "The advice and the numbers behind it."),
-                "400": _error("A missing, empty, repeated or unknown query parameter; details name each."),
+                "400": _error("invalid_request: a missing, empty, repeated or unknown query parameter; details "
+                              "name each."),
                 **_AUTH_ERRORS,
             },
         }

@@ -2,7 +2,9 @@
 The processor webhook part of the OpenAPI document (:mod:`payflux.ingest.openapi`): ``POST
 /v1/webhooks/stripe`` and ``POST /v1/webhooks/adyen`` on the ingest listener
 (:mod:`payflux.ingest.webhooks`).  No bearer security: the processor's signature is the
-authentication.  Limits come from the handlers' own constants so the two can't drift.
+authentication.  Limits come from the handlers' own constants so the two can't drift.  The
+ingest listener's HTTP-layer answers (408, 414, 431, 500) are added by
+:func:`payflux.ingest.openapi.listener_errors`.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ def _error(description: str, retry_after: bool = False) -> dict:
 def _answers(ack: dict, signature: str, cap: int) -> dict:
     return {
         "200": ack,
-        "400": _error("Malformed: " + signature + ", or the body is not strict JSON / not a notification of "
-                      "this processor; nothing was written."),
+        "400": _error("Malformed: " + signature + ", or the body is not strict JSON (malformed_json) / not a "
+                      "notification of this processor; nothing was written. Or a malformed request head or chunked "
+                      "body (bad_request, bad_content_length, bad_transfer_encoding, bad_framing, bad_chunk)."),
         "401": _error("Not authentic: missing_signature, signature_mismatch (no configured secret matches), "
                       "stale_timestamp (Stripe: t more than 300 s from the node's clock); nothing was written."),
-        "404": _error("The route is off: its secret is not configured."),
-        "413": _error(f"Body larger than {cap} bytes (checked while reading)."),
-        "503": _error("Redis unavailable, too many events in flight, or the node is draining; nothing "
-                      "acknowledged: the processor delivers again.", retry_after=True),
+        "404": _error("not_found: the route is off (its secret is not configured)."),
+        "413": _error(f"payload_too_large: body larger than {cap} bytes (checked while reading)."),
+        "503": _error("redis_unavailable, replicas_not_acked, overloaded (too many events in flight) or draining: "
+                      "nothing acknowledged, the processor delivers again.", retry_after=True),
     }
 
 
@@ -50,6 +53,8 @@ ADYEN_ACK = {
 PATHS = {
     "/v1/webhooks/stripe": {
         "post": {
+            "operationId": "receiveStripeWebhook",
+            "tags": ["webhooks"],
             "security": NO_KEY,
             "summary": "A Stripe webhook event, verified (Stripe-Signature) and mapped to payment_exhaust "
                        "events (docs/producers.md, \"Processor webhooks\"); on only with stripe_webhook_secret.",
@@ -74,6 +79,8 @@ PATHS = {
     },
     "/v1/webhooks/adyen": {
         "post": {
+            "operationId": "receiveAdyenWebhook",
+            "tags": ["webhooks"],
             "security": NO_KEY,
             "summary": "An Adyen standard notification, every item's additionalData.hmacSignature verified "
                        "(all or nothing) and mapped to payment_exhaust events; on only with adyen_hmac_key.",
