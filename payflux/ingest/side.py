@@ -36,6 +36,28 @@ def _alerts_route(alerts: AlertsApi | None, request, endpoint: str):
     return getattr(alerts, endpoint)(request)
 
 
+#: The alerts API's routes, the same on both side listeners: (rule, method, the AlertsApi method).
+ALERT_ROUTES = (
+    ("/v1/alerts", "GET", "list"),
+    ("/v1/alerts/<path:alert_path>", "GET", "get"),
+    ("/v1/alerts/<path:alert_path>", "POST", "post"),
+    ("/v1/risk/processors", "GET", "processors"),
+    ("/v1/risk/retry-advice", "GET", "retry_advice"),
+)
+
+
+def _operator_routes(app: Klein) -> None:
+    """On ``app`` (a side listener's, in its class body): JSON 404/405 answers and the alerts API's
+    routes, answered by the instance's ``alerts``."""
+    app.handle_errors(NotFound)(lambda self, request, failure: _not_found(request))
+    app.handle_errors(MethodNotAllowed)(lambda self, request, failure: _method_not_allowed(request, failure))
+    for rule, method, endpoint in ALERT_ROUTES:
+        def route(self, request, _endpoint=endpoint, **_path):
+            return _alerts_route(self.alerts, request, _endpoint)
+
+        app.route(rule, methods=[method], endpoint=f"alerts_{endpoint}")(route)
+
+
 class SideApp:
     app = Klein()
 
@@ -45,33 +67,7 @@ class SideApp:
         self.alerts = alerts
         self.status = node_status(ingest, alerts_stream, risk_loop)
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request, failure):
-        return _not_found(request)
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request, failure):
-        return _method_not_allowed(request, failure)
-
-    @app.route("/v1/alerts", methods=["GET"])
-    def alerts_list(self, request):
-        return _alerts_route(self.alerts, request, "list")
-
-    @app.route("/v1/alerts/<path:alert_path>", methods=["GET"])
-    def alert_get(self, request, alert_path):
-        return _alerts_route(self.alerts, request, "get")
-
-    @app.route("/v1/alerts/<path:alert_path>", methods=["POST"])
-    def alert_outcome(self, request, alert_path):
-        return _alerts_route(self.alerts, request, "post")
-
-    @app.route("/v1/risk/processors", methods=["GET"])
-    def risk_processors(self, request):
-        return _alerts_route(self.alerts, request, "processors")
-
-    @app.route("/v1/risk/retry-advice", methods=["GET"])
-    def risk_retry_advice(self, request):
-        return _alerts_route(self.alerts, request, "retry_advice")
+    _operator_routes(app)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
@@ -118,33 +114,7 @@ class WorkersSideApp:
         self.alerts = alerts
         self.status = supervisor_status(workers, risk_loop)
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request, failure):
-        return _not_found(request)
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request, failure):
-        return _method_not_allowed(request, failure)
-
-    @app.route("/v1/alerts", methods=["GET"])
-    def alerts_list(self, request):
-        return _alerts_route(self.alerts, request, "list")
-
-    @app.route("/v1/alerts/<path:alert_path>", methods=["GET"])
-    def alert_get(self, request, alert_path):
-        return _alerts_route(self.alerts, request, "get")
-
-    @app.route("/v1/alerts/<path:alert_path>", methods=["POST"])
-    def alert_outcome(self, request, alert_path):
-        return _alerts_route(self.alerts, request, "post")
-
-    @app.route("/v1/risk/processors", methods=["GET"])
-    def risk_processors(self, request):
-        return _alerts_route(self.alerts, request, "processors")
-
-    @app.route("/v1/risk/retry-advice", methods=["GET"])
-    def risk_retry_advice(self, request):
-        return _alerts_route(self.alerts, request, "retry_advice")
+    _operator_routes(app)
 
     @app.route("/metrics", methods=["GET"])
     async def metrics(self, request):
