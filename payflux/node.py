@@ -814,7 +814,7 @@ def build_node(
         api, risk_loop = alerts_api(settings, pool, metrics, reactor)
         side = SideApp(app, alerts_stream=alerts_stream_key(settings.stream_prefix, settings.consumers),
                        alerts=api, risk_loop=risk_loop)
-        node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
+        node.side_listener = _listener(reactor, settings.metrics_listen, side.site(settings.header_timeout))
         node.side_listener.setServiceParent(node)
     node.ingest_listener = None
     if "ingest" in settings.roles or ingest_fd is not None:

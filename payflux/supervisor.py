@@ -407,7 +407,7 @@ def build_supervisor(settings: Settings, reactor, handlers: dict | None = None, 
 
     node.side_listener = None
     if settings.metrics_listen:
-        node.side_listener = _listener(reactor, settings.metrics_listen, side.site())
+        node.side_listener = _listener(reactor, settings.metrics_listen, side.site(settings.header_timeout))
         node.side_listener.setServiceParent(node)
     shared.setServiceParent(node)
     workers.setServiceParent(node)

@@ -20,6 +20,7 @@ import attrs
 import treq
 import txredisapi
 from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from payflux.cli import main as cli_main
@@ -36,6 +37,7 @@ from payflux.redis.scripts import evalsha_sync
 from payflux.risk.report import summarize
 from payflux.risk.store import DAY_MS, RECORD, AlertKeys, AlertStore, record_args
 from tests.support.node import API_KEYS, API_SECRET, start_node
+from tests.test_hostile import _raw_exchange
 from tests.support.process import TWISTD, clean_env, http_request
 from tests.support.redis import RedisProcess, find_redis_binaries, free_port, redis_test_cases
 
@@ -406,6 +408,35 @@ class AlertsApiMixin:
         self.assertEqual((code, doc["error"]), (404, "not_found"))
         code, doc = await self.answer(treq.delete(running.side + "/v1/alerts/x", persistent=False))
         self.assertEqual(code, 405)
+
+    async def test_the_side_listener_answers_hostile_heads_and_bodies_with_json(self):
+        """The side port is on the ingest listener's HTTP layer: JSON 400/408/413/414/431, the
+        outcome body capped while it is read (docs/security.md)."""
+        running = await self.node(header_timeout="0.5")
+        port = int(running.side.rsplit(":", 1)[1])
+        auth = f"Authorization: Bearer {ADMIN_SECRET}\r\n".encode()
+        cases = [
+            (b"GET /v1/alerts?" + b"x" * 20000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "uri_too_long"),
+            (b"GET /v1/alerts HTTP/1.1\r\nHost: a\r\n" + b"X-Pad: " + b"y" * 70000 + b"\r\n\r\n", 431,
+             "headers_too_large"),
+            (b"GET /v1/alerts HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, None),
+            (b"POST /v1/alerts/x/outcome HTTP/1.1\r\nHost: a\r\n" + auth +
+             b"Content-Type: application/json\r\nContent-Length: 20000\r\n\r\n", 413, "payload_too_large"),
+            (b"GET /v1/alerts HTTP/1.1\r\nHost: a\r\n", 408, "request_timeout"),  # never finished
+        ]
+        for data, status, code in cases:
+            answer, seconds, _ = await deferToThread(_raw_exchange, port, data, 5.0)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), (status, answer[:200]))
+            self.assertIn(b"content-type: application/json", head.lower(), status)
+            doc = json.loads(body)
+            if code is not None:
+                self.assertEqual(doc["error"], code)
+            self.assertLess(seconds, 4.5, status)  # answered and closed, not left hanging
+        # a body over the cap sent in full is refused too, and nothing was stored
+        big = json.dumps({"outcome_type": "throttle", "observed_at": iso(T0), "notes": "n" * 20000}).encode()
+        code, doc = await self.answer(self.post(running, "/v1/alerts/x/outcome", big))
+        self.assertEqual((code, doc["error"]), (413, "payload_too_large"))
 
     async def test_redis_down_is_503_not_a_traceback(self):
         running = await self.node(redis_timeout="0.3")

@@ -34,6 +34,7 @@ from twisted.web.server import Request
 from payflux.ingest.app import json_response, media_type
 from payflux.ingest.auth import AdminAuthenticator
 from payflux.ingest.errors import ApiError, too_large, unavailable
+from payflux.ingest.http import OUTCOME_BODY_LIMIT
 from payflux.jsonbody import MalformedJSON, decode_event_body
 from payflux.observability.metrics import Metrics
 from payflux.pan import contains_pan
@@ -49,7 +50,7 @@ PREFIX = b"/v1/alerts"
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 #: Bytes an outcome body may have.
-MAX_OUTCOME_BYTES = 16 * 1024
+MAX_OUTCOME_BYTES = OUTCOME_BODY_LIMIT
 MAX_NOTES = 1000
 MAX_FILTER = 256
 #: Seconds an outcome's observed_at may lie ahead of the node's clock.

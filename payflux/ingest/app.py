@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from payflux.events import EventValidator, MalformedJSON, decode_batch_body, decode_event_body
@@ -476,13 +476,6 @@ async def not_ready(request: Request, draining: bool, ping: Callable[[], Deferre
         request.setHeader(b"Retry-After", b"1")
         return json_response(request, 503, {"status": "redis_unavailable", "message": _reason(e)})
     return None
-
-
-def quiet_site(resource) -> Site:
-    """A plain Site without the per-request access log (metrics count requests instead)."""
-    site = Site(resource)
-    site.log = lambda request: None
-    return site
 
 
 def _line_detail(e: MalformedJSON) -> list:

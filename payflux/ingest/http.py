@@ -50,6 +50,8 @@ log = Logger()
 #: The body cap (bytes) of every path of the ingest listener without its own (the ingest and
 #: webhook paths have theirs): /health, /ready, /metrics, /openapi.json, unknown paths.
 SMALL_BODY_LIMIT = 8192
+#: The body cap of an alert outcome (``POST /v1/alerts/{id}/outcome`` on the side listener).
+OUTCOME_BODY_LIMIT = 16 * 1024
 
 #: After an early answer, how long (seconds) and how many bytes the client may still send,
 #: read and discarded, before the connection is closed (see "lingering close" above).

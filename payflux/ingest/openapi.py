@@ -21,7 +21,7 @@ from payflux.config import OPTIONS
 from payflux.events import ALIASES, CASE_FOLDED, FIELDS, INT_FIELDS, REQUIRED, SCHEMA_VERSION, STRING_FIELDS
 from payflux.ingest import openapi_risk, openapi_webhooks
 from payflux.ingest.errors import ERROR_CODES
-from payflux.ingest.http import SMALL_BODY_LIMIT, IngestChannel
+from payflux.ingest.http import OUTCOME_BODY_LIMIT, SMALL_BODY_LIMIT, IngestChannel
 
 # RFC 3339 with offset, the shape payflux.events checks (it also checks the calendar and range).
 TIMESTAMP_PATTERN = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
@@ -198,6 +198,16 @@ def _on_ingest_listener(paths: dict) -> dict:
             for path, item in paths.items()}
 
 
+def _on_side_listener(paths: dict) -> dict:
+    """The side listener's ``paths`` with the answers of its HTTP layer, the ingest listener's
+    (``side_site``): a body over the outcome's 16384 bytes, or 8192 elsewhere."""
+    return {path: {method: {**operation, "responses": responses(
+                listener_errors(f"{OUTCOME_BODY_LIMIT} bytes" if method == "post" else f"{SMALL_BODY_LIMIT} bytes"),
+                operation["responses"])}
+                   for method, operation in item.items()}
+            for path, item in paths.items()}
+
+
 def _ingest_errors(cap: str) -> dict:
     return responses(listener_errors(cap, HEAD_400[:-1] + "; malformed_json: the body is not strict JSON (invalid "
                                      "UTF-8, duplicate keys, NaN, too deep, a bad NDJSON line); "
@@ -273,7 +283,7 @@ def openapi_document(limits) -> dict:
         },
         "security": [{"bearer": []}],
         "paths": {
-            **openapi_risk.PATHS,
+            **_on_side_listener(openapi_risk.PATHS),
             **_on_ingest_listener(openapi_webhooks.PATHS),
             "/v1/events/payment_exhaust": {
                 "post": {

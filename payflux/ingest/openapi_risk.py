@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from payflux.ingest.http import OUTCOME_BODY_LIMIT
 from payflux.risk.alerts import ALERT_TYPES
 from payflux.risk.health import BANDS, DRIVERS, TRAJECTORIES
 from payflux.risk.store import ACTIONS, OUTCOME_TYPES, SOURCES, STATES
@@ -245,7 +246,7 @@ PATHS: dict[str, Any] = {
             "servers": SIDE_SERVERS,
             "security": ADMIN_SECURITY,
             "parameters": [_ALERT_ID],
-            "requestBody": {"required": True, "description": "At most 16384 bytes.",
+            "requestBody": {"required": True, "description": f"At most {OUTCOME_BODY_LIMIT} bytes.",
                             "content": {"application/json": {"schema": _ref("AlertOutcomeRequest")}}},
             "responses": {
                 "201": _json(_ref("AlertOutcome"), "Stored on the alert; lead_time_seconds observed in "
@@ -253,7 +254,7 @@ PATHS: dict[str, Any] = {
                 "400": _error("malformed_json: the body is not strict JSON."),
                 "404": _error("not_found: no such alert."),
                 "409": _error("too_many_outcomes: the alert holds 100 outcomes already."),
-                "413": _error("payload_too_large: body larger than 16384 bytes."),
+                "413": _error(f"payload_too_large: body larger than {OUTCOME_BODY_LIMIT} bytes (checked while reading)."),
                 "415": _error("unsupported_media_type: Content-Type is not application/json."),
                 "422": _error("invalid_outcome: unknown field, wrong type or bad value; details name each field."),
                 **_AUTH_ERRORS,

@@ -13,8 +13,9 @@ from twisted.web.server import Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from payflux.ingest.alerts import AlertsApi
-from payflux.ingest.app import IngestApp, json_response, not_ready, quiet_site
+from payflux.ingest.app import IngestApp, json_response, not_ready
 from payflux.ingest.errors import ApiError
+from payflux.ingest.http import OUTCOME_BODY_LIMIT, SMALL_BODY_LIMIT, IngestSite
 from payflux.observability.status import node_status, supervisor_status
 
 
@@ -34,6 +35,19 @@ def _alerts_route(alerts: AlertsApi | None, request, endpoint: str):
         request.setHeader(b"Content-Type", b"application/json")
         return ApiError(404, "not_found", "the alerts API is not served here").body()
     return getattr(alerts, endpoint)(request)
+
+
+def side_site(resource, header_timeout: float | None) -> IngestSite:
+    """
+    A side listener's Site: the ingest listener's HTTP layer (payflux/ingest/http.py), so a bad
+    head is a JSON 400, a slow one 408, an oversize one 414/431, and a body over its cap (an
+    outcome's 16 KiB, 8 KiB elsewhere) a 413 while it is read; no preflight (the alerts API
+    checks its admin key itself).
+    """
+    def body_limit(path: bytes) -> int:
+        return OUTCOME_BODY_LIMIT if path.startswith(b"/v1/alerts/") else SMALL_BODY_LIMIT
+
+    return IngestSite(resource, body_limit, lambda request: None, header_timeout=header_timeout)
 
 
 #: The alerts API's routes, the same on both side listeners: (rule, method, the AlertsApi method).
@@ -89,8 +103,8 @@ class SideApp:
     def status_json(self, request):
         return self.status.render_json(request)
 
-    def site(self) -> Site:
-        return quiet_site(self.app.resource())
+    def site(self, header_timeout: float | None = None) -> Site:
+        return side_site(self.app.resource(), header_timeout)
 
 
 class WorkersSideApp:
@@ -153,5 +167,5 @@ class WorkersSideApp:
     def status_json(self, request):
         return self.status.render_json(request)
 
-    def site(self) -> Site:
-        return quiet_site(self.app.resource())
+    def site(self, header_timeout: float | None = None) -> Site:
+        return side_site(self.app.resource(), header_timeout)
