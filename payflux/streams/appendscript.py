@@ -88,6 +88,31 @@ end
 local added = {}       -- event_id -> stream id appended by this call
 """
 
+#: The Lua both append scripts run after their own header: the segments of the call (where each
+#: starts, its received_at) and the state their checks share.  ``{FIRST}`` is the ARGV index of
+#: segment 2's start (after the per-event arguments, which the two layouts lay out differently).
+_SEGMENTS = r"""local stream = KEYS[1]
+local starts, stamps = {1}, {ARGV[1]}
+for j = {FIRST}, #ARGV, 2 do
+  starts[#starts + 1] = tonumber(ARGV[j])
+  stamps[#stamps + 1] = ARGV[j + 1]
+end
+local nseg = #starts
+starts[nseg + 1] = n + 1
+local cap = tonumber(ARGV[3])
+local len = nil        -- XLEN, read at most once
+local growth = 0       -- entries the accepted segments will add
+local recorded = {}    -- i -> stream id of an earlier append with the same payload
+local pending = {}     -- event_id -> fingerprint, new in an accepted segment
+local accepted = {}
+local replies = {}
+"""
+
+
+def _segments(first: str) -> str:
+    return _SEGMENTS.replace("{FIRST}", first)
+
+
 APPEND_SCRIPT = r"""
 -- PayFlux append v3: compact dedupe records (appendscript.py docstring,
 -- docs/stream-format.md).  One partition, one or more segments (one segment =
@@ -180,22 +205,7 @@ if stale then
   return r
 end
 local n = total
-local stream = KEYS[1]
-local starts, stamps = {1}, {ARGV[1]}
-for j = 5 * n + 9, #ARGV, 2 do
-  starts[#starts + 1] = tonumber(ARGV[j])
-  stamps[#stamps + 1] = ARGV[j + 1]
-end
-local nseg = #starts
-starts[nseg + 1] = n + 1
-local cap = tonumber(ARGV[3])
-local len = nil        -- XLEN, read at most once
-local growth = 0       -- entries the accepted segments will add
-local recorded = {}    -- i -> stream id of an earlier append with the same payload
-local pending = {}     -- event_id -> fingerprint, new in an accepted segment
-local accepted = {}
-local replies = {}
-local nlive = #live
+""" + _segments("5 * n + 9") + r"""local nlive = #live
 for s = 1, nseg do
   local first_fp = {}  -- event_id -> fingerprint of its first new occurrence in s
   local conflicts = {}
@@ -322,22 +332,7 @@ SEED_APPEND_SCRIPT = r"""
 -- Segments behave like sequential calls.  Every check happens before the
 -- first write (see writer.py docstring).
 local n = #KEYS - 1
-local stream = KEYS[1]
-local starts, stamps = {1}, {ARGV[1]}
-for j = 4 * n + 4, #ARGV, 2 do
-  starts[#starts + 1] = tonumber(ARGV[j])
-  stamps[#stamps + 1] = ARGV[j + 1]
-end
-local nseg = #starts
-starts[nseg + 1] = n + 1
-local cap = tonumber(ARGV[3])
-local len = nil        -- XLEN, read at most once
-local growth = 0       -- entries the accepted segments will add
-local recorded = {}    -- i -> stream id of an earlier append with the same payload
-local pending = {}     -- event_id -> fingerprint, new in an accepted segment
-local accepted = {}
-local replies = {}
-for s = 1, nseg do
+""" + _segments("4 * n + 4") + r"""for s = 1, nseg do
   local first_fp = {}  -- event_id -> fingerprint of its first new occurrence in s
   local conflicts = {}
   local new_count = 0
