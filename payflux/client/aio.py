@@ -16,8 +16,6 @@ from typing import Any, Callable, Protocol
 
 from payflux.client.delivery import (
     ABORTED,
-    Backoff,
-    BufferFull,
     ClientClosed,
     Delivery,
     FlushResult,
@@ -30,7 +28,7 @@ from payflux.client.delivery import (
     deliver,
 )
 from payflux.client.events import encode_event
-from payflux.client.outbox import Outbox
+from payflux.client.outbox import ClientCore
 from payflux.client.sync import endpoint, request_headers
 
 log = logging.getLogger("payflux.client")
@@ -137,7 +135,7 @@ class AsyncHttpTransport:
                 pass
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """
     The asyncio twin of :class:`payflux.client.Client`: ``await send(event)``, ``await flush()``,
     ``await close()`` (or ``async with``); the same parameters and policies (docs/producers.md).
@@ -151,21 +149,12 @@ class AsyncClient:
                  on_result: Callable[[Delivery], Any] | None = None, keep_failures: int = 100,
                  ssl_context: ssl.SSLContext | None = None, transport: Any = None,
                  clock: AsyncClock | None = None, uniform: Callable[[float, float], float] = random.uniform) -> None:
-        if overflow not in ("block", "raise"):
-            raise ValueError("overflow must be 'block' or 'raise'")
-        self._outbox = Outbox(batch_size, linger_ms / 1000.0, max_buffered_events, max_batch_bytes, keep_failures)
-        self._overflow = overflow
-        self._block_timeout = block_timeout
-        self._delivery_timeout = delivery_timeout
-        self._backoff = Backoff(backoff_base, backoff_max, uniform)
-        self._on_result = on_result
+        super().__init__(batch_size, linger_ms, max_batch_bytes, max_buffered_events, overflow, block_timeout,
+                         delivery_timeout, backoff_base, backoff_max, on_result, keep_failures, uniform)
         self._transport = transport if transport is not None else AsyncHttpTransport(url, api_key, request_timeout,
                                                                                      ssl_context)
         self._clock = clock or RealAsyncClock()
         self._cond = asyncio.Condition()
-        self._closing = False
-        self._abort = False
-        self._final: FlushResult | None = None
         self._task: asyncio.Task | None = None
 
     def _start(self) -> None:
@@ -181,21 +170,10 @@ class AsyncClient:
             if self._closing:
                 raise ClientClosed("send() after close()")
             self._start()
-            outbox = self._outbox
-            if not outbox.has_room():
-                if self._overflow == "raise":
-                    outbox.stats.buffer_full += 1
-                    raise BufferFull(f"{outbox.unsettled} events buffered (max_buffered_events)")
-                deadline = clock.now() + self._block_timeout
-                while not outbox.has_room():
-                    left = deadline - clock.now()
-                    if left <= 0 or self._closing:
-                        outbox.stats.buffer_full += 1
-                        if self._closing:
-                            raise ClientClosed("client closed while send() waited for room")
-                        raise BufferFull(f"{outbox.unsettled} events buffered for {self._block_timeout} s")
-                    await clock.wait(self._cond, left)
-            if outbox.add(event, event_id, line, clock.now()):
+            deadline = clock.now() + self._block_timeout
+            while (left := self._room_wait(deadline, clock.now())) is not None:
+                await clock.wait(self._cond, left)
+            if self._outbox.add(event, event_id, line, clock.now()):
                 self._cond.notify_all()
 
     async def flush(self, timeout: float | None = None) -> FlushResult:
@@ -295,12 +273,3 @@ class AsyncClient:
                     while not self._abort and (left := deadline - self._clock.now()) > 0:
                         await self._clock.wait(self._cond, left)
                     answer = not self._abort
-
-    def _report(self, reports: list[Delivery]) -> None:
-        if self._on_result is None:
-            return
-        for report in reports:
-            try:
-                self._on_result(report)
-            except Exception:
-                log.exception("on_result callback failed")

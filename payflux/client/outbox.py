@@ -10,10 +10,15 @@ the sequence numbers: ``flush`` waits for ``settled_upto`` to reach the count it
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
-from payflux.client.delivery import ACCEPTED, DROPPED, REJECTED, Delivery, FlushResult, Pending, Stats, _closed
+from payflux.client.delivery import (
+    ACCEPTED, DROPPED, REJECTED, Backoff, BufferFull, ClientClosed, Delivery, FlushResult, Pending, Stats, _closed,
+)
+
+log = logging.getLogger("payflux.client")
 
 
 class Outbox:
@@ -118,3 +123,57 @@ class Outbox:
 
 
 __all__ = ["Outbox", "ACCEPTED", "REJECTED", "DROPPED"]
+
+
+class ClientCore:
+    """
+    What :class:`payflux.client.Client` and :class:`payflux.client.AsyncClient` share apart from
+    how they wait and do I/O: the options, the outbox, the overflow rule and the reporting of
+    results.  The subclass sets ``_transport``, ``_clock`` and ``_cond`` and calls the methods
+    below with ``_cond`` held where they say so.
+    """
+
+    def __init__(self, batch_size: int, linger_ms: float, max_batch_bytes: int, max_buffered_events: int,
+                 overflow: str, block_timeout: float, delivery_timeout: float | None, backoff_base: float,
+                 backoff_max: float, on_result: Callable[[Delivery], Any] | None, keep_failures: int,
+                 uniform: Callable[[float, float], float]) -> None:
+        if overflow not in ("block", "raise"):
+            raise ValueError("overflow must be 'block' or 'raise'")
+        self._outbox = Outbox(batch_size, linger_ms / 1000.0, max_buffered_events, max_batch_bytes, keep_failures)
+        self._overflow = overflow
+        self._block_timeout = block_timeout
+        self._delivery_timeout = delivery_timeout
+        self._backoff = Backoff(backoff_base, backoff_max, uniform)
+        self._on_result = on_result
+        self._closing = False
+        self._abort = False
+        self._final: FlushResult | None = None
+
+    def _room_wait(self, deadline: float, now: float) -> float | None:
+        """With ``_cond`` held, in ``send()``: None when the outbox has room for one more event,
+        else the seconds ``send()`` may still wait for some (``deadline``: when it started waiting
+        plus ``block_timeout``).  Raises BufferFull (``overflow="raise"``, or the time is up) or
+        ClientClosed (closed while it waited), counting ``buffer_full``."""
+        outbox = self._outbox
+        if outbox.has_room():
+            return None
+        if self._overflow == "raise":
+            outbox.stats.buffer_full += 1
+            raise BufferFull(f"{outbox.unsettled} events buffered (max_buffered_events)")
+        left = deadline - now
+        if left <= 0 or self._closing:
+            outbox.stats.buffer_full += 1
+            if self._closing:
+                raise ClientClosed("client closed while send() waited for room")
+            raise BufferFull(f"{outbox.unsettled} events buffered for {self._block_timeout} s")
+        return left
+
+    def _report(self, reports: list[Delivery]) -> None:
+        """Each report to ``on_result`` (not under ``_cond``); a callback's bug never stops the rest."""
+        if self._on_result is None:
+            return
+        for report in reports:
+            try:
+                self._on_result(report)
+            except Exception:
+                log.exception("on_result callback failed")

@@ -24,8 +24,6 @@ from urllib.parse import urlsplit
 
 from payflux.client.delivery import (
     ABORTED,
-    Backoff,
-    BufferFull,
     ClientClosed,
     Delivery,
     FlushResult,
@@ -38,7 +36,7 @@ from payflux.client.delivery import (
     deliver,
 )
 from payflux.client.events import encode_event
-from payflux.client.outbox import Outbox
+from payflux.client.outbox import ClientCore
 
 BATCH_PATH = "/v1/events/payment_exhaust/batch"
 USER_AGENT = "payflux-client-python/1"
@@ -129,7 +127,7 @@ class HttpTransport:
             self._conn = None
 
 
-class Client:
+class Client(ClientCore):
     """
     ``Client(url, api_key)``: ``send(event)`` enqueues (a dict, e.g. from :func:`build_event`);
     a background thread posts batches to ``url``'s batch endpoint.  ``flush(timeout)`` waits until
@@ -145,21 +143,12 @@ class Client:
                  ssl_context: ssl.SSLContext | None = None, transport: Any = None,
                  clock: ThreadClock | None = None, uniform: Callable[[float, float], float] = random.uniform,
                  close_at_exit: bool = True) -> None:
-        if overflow not in ("block", "raise"):
-            raise ValueError("overflow must be 'block' or 'raise'")
-        self._outbox = Outbox(batch_size, linger_ms / 1000.0, max_buffered_events, max_batch_bytes, keep_failures)
-        self._overflow = overflow
-        self._block_timeout = block_timeout
-        self._delivery_timeout = delivery_timeout
-        self._backoff = Backoff(backoff_base, backoff_max, uniform)
-        self._on_result = on_result
+        super().__init__(batch_size, linger_ms, max_batch_bytes, max_buffered_events, overflow, block_timeout,
+                         delivery_timeout, backoff_base, backoff_max, on_result, keep_failures, uniform)
         self._transport = transport if transport is not None else HttpTransport(url, api_key, request_timeout,
                                                                                 ssl_context)
         self._clock = clock or RealClock()
         self._cond = threading.Condition()
-        self._closing = False
-        self._abort = False
-        self._final: FlushResult | None = None
         self._thread = threading.Thread(target=self._run, name="payflux-client", daemon=True)
         self._thread.start()
         self._exit_hook = None
@@ -179,21 +168,10 @@ class Client:
         with self._cond:
             if self._closing:
                 raise ClientClosed("send() after close()")
-            outbox = self._outbox
-            if not outbox.has_room():
-                if self._overflow == "raise":
-                    outbox.stats.buffer_full += 1
-                    raise BufferFull(f"{outbox.unsettled} events buffered (max_buffered_events)")
-                deadline = clock.now() + self._block_timeout
-                while not outbox.has_room():
-                    left = deadline - clock.now()
-                    if left <= 0 or self._closing:
-                        outbox.stats.buffer_full += 1
-                        if self._closing:
-                            raise ClientClosed("client closed while send() waited for room")
-                        raise BufferFull(f"{outbox.unsettled} events buffered for {self._block_timeout} s")
-                    clock.wait(self._cond, left)
-            if outbox.add(event, event_id, line, clock.now()):
+            deadline = clock.now() + self._block_timeout
+            while (left := self._room_wait(deadline, clock.now())) is not None:
+                clock.wait(self._cond, left)
+            if self._outbox.add(event, event_id, line, clock.now()):
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> FlushResult:
@@ -305,12 +283,3 @@ class Client:
                     while not self._abort and (left := deadline - self._clock.now()) > 0:
                         self._clock.wait(self._cond, left)
                     answer = not self._abort
-
-    def _report(self, reports: list[Delivery]) -> None:
-        if self._on_result is None:
-            return
-        for report in reports:
-            try:
-                self._on_result(report)
-            except Exception:  # a callback's bug must not stop delivery of the rest
-                log.exception("on_result callback failed")
