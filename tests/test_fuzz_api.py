@@ -77,33 +77,26 @@ class FuzzApiMixin:
     timeout = 240  # trial's default is 120 s; schemathesis alone is bounded at 150 s below
 
     @inlineCallbacks
-    def test_schemathesis_finds_no_5xx_no_spec_violation_and_no_write_on_rejection(self):
-        binary = _schemathesis()
-        if binary is None:
-            self.skipTest("schemathesis is not installed (pip install -e '.[test]')")
-        redis = self.start_redis()
-        # no rate limit: a 429 would be correct but would hide the checks behind it; the processor
-        # webhook routes on, so they are fuzzed too (every fuzzed delivery fails its signature)
-        node = yield start_node(self, redis.url, rate_limit="0", stripe_webhook_secret="whsec_fuzz_0123456789",
-                                adyen_hmac_key="00112233445566778899AABBCCDDEEFF", id_hash_key="fuzz-id-hash-key-0123")
+    def schemathesis(self, binary: str, document: str, secret: str, max_examples: int, select: list[str]):
+        """One schemathesis run of ``document``'s operations (``select``: their address and paths)
+        with ``secret`` as the bearer key, every phase and CHECKS; fails on a non-zero exit or any
+        5xx. Returns (the HAR entries of its requests, their statuses, sorted)."""
         report = tempfile.mkdtemp(prefix="payflux-fuzz-")
         self.addCleanup(shutil.rmtree, report, True)
         har = os.path.join(report, "run.har")
-        before = redis.sync_command("XLEN", STREAM)
         args = [
-            "run", node.base + "/openapi.json",
+            "run", document, *select,
             "--checks", CHECKS,
-            "--max-examples", str(MAX_EXAMPLES),
+            "--max-examples", str(max_examples),
             "--seed", str(SEED),
             "--workers", "1",
             "--phases", "examples,coverage,fuzzing",
             "--request-timeout", "5",
-            "--header", f"Authorization: Bearer {API_SECRET}",
+            "--header", f"Authorization: Bearer {secret}",
             "--report", "har",
             "--report-har-path", har,
             "--no-color",
             "--suppress-health-check", "all",
-            "--exclude-path-regex", "^/v1/(alerts|risk/)",  # the side listener's: fuzzed there, below
         ]
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
         # coreutils timeout bounds the run even if schemathesis misbehaves (exit 124)
@@ -116,6 +109,22 @@ class FuzzApiMixin:
             entries = json.load(f)["log"]["entries"]
         statuses = sorted({e["response"]["status"] for e in entries})
         self.assertFalse([s for s in statuses if s >= 500], text[-3000:])
+        return entries, statuses
+
+    @inlineCallbacks
+    def test_schemathesis_finds_no_5xx_no_spec_violation_and_no_write_on_rejection(self):
+        binary = _schemathesis()
+        if binary is None:
+            self.skipTest("schemathesis is not installed (pip install -e '.[test]')")
+        redis = self.start_redis()
+        # no rate limit: a 429 would be correct but would hide the checks behind it; the processor
+        # webhook routes on, so they are fuzzed too (every fuzzed delivery fails its signature)
+        node = yield start_node(self, redis.url, rate_limit="0", stripe_webhook_secret="whsec_fuzz_0123456789",
+                                adyen_hmac_key="00112233445566778899AABBCCDDEEFF", id_hash_key="fuzz-id-hash-key-0123")
+        before = redis.sync_command("XLEN", STREAM)
+        entries, statuses = yield self.schemathesis(
+            binary, node.base + "/openapi.json", API_SECRET, MAX_EXAMPLES,
+            ["--exclude-path-regex", "^/v1/(alerts|risk/)"])  # the side listener's: fuzzed there, below
         self.assertGreater(len(entries), 100)
         new = _new_events(entries)
         self.assertGreater(new, 0)  # at least the documented example event was accepted
@@ -132,35 +141,9 @@ class FuzzApiMixin:
             self.skipTest("schemathesis is not installed (pip install -e '.[test]')")
         redis = self.start_redis()
         node = yield start_node(self, redis.url, admin_keys=f"ops:{ADMIN_SECRET}")
-        report = tempfile.mkdtemp(prefix="payflux-fuzz-")
-        self.addCleanup(shutil.rmtree, report, True)
-        har = os.path.join(report, "run.har")
-        args = [
-            "run", node.base + "/openapi.json",
-            "--url", node.side,
-            "--include-path-regex", "^/v1/(alerts|risk/)",
-            "--checks", CHECKS,
-            "--max-examples", "100",
-            "--seed", str(SEED),
-            "--workers", "1",
-            "--phases", "examples,coverage,fuzzing",
-            "--request-timeout", "5",
-            "--header", f"Authorization: Bearer {ADMIN_SECRET}",
-            "--report", "har",
-            "--report-har-path", har,
-            "--no-color",
-            "--suppress-health-check", "all",
-        ]
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
-        out, err, code = yield getProcessOutputAndValue(
-            shutil.which("timeout") or "/usr/bin/timeout", ["150", binary, *args], env=env, reactor=reactor, path=report
-        )
-        text = (out + err).decode("utf-8", "replace")
-        self.assertEqual(code, 0, text[-6000:])
-        with open(har, encoding="utf-8") as f:
-            entries = json.load(f)["log"]["entries"]
-        statuses = sorted({e["response"]["status"] for e in entries})
-        self.assertFalse([s for s in statuses if s >= 500], text[-3000:])
+        entries, statuses = yield self.schemathesis(
+            binary, node.base + "/openapi.json", ADMIN_SECRET, 100,
+            ["--url", node.side, "--include-path-regex", "^/v1/(alerts|risk/)"])
         self.assertGreater(len(entries), 50)
         self.assertTrue({e["request"]["url"].split("?")[0] for e in entries} >= {
             node.side + "/v1/alerts", node.side + "/v1/risk/processors", node.side + "/v1/risk/retry-advice"})
