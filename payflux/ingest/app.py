@@ -363,7 +363,9 @@ class IngestApp:
             prepared.append(PreparedEvent(event_id=e, merchant_id_hash=m, event_type=t, canonical=c, fingerprint=f))
         return prepared, invalid
 
-    def _append(self, key_id, prepared, ignored, batch, endpoint, started) -> Deferred:
+    def _append(self, key_id, prepared, ignored, batch, endpoint, started, answer: bool = True) -> Deferred:
+        """Append ``prepared``: a Deferred of the 202 body (``answer``), or of the writer's
+        AppendResults, counted the same way (``answer`` False: a webhook delivery builds its own)."""
         count = len(prepared)
         if self.inflight_events + count > self.limits.max_inflight_events:
             error = unavailable("overloaded", "too many events in flight to Redis; retry shortly", 1)
@@ -374,10 +376,11 @@ class IngestApp:
         self.inflight_requests += 1
         append_started = self.seconds()
         d = self.writer.append(prepared, int(append_started * 1000))
-        return d.addBoth(self._appended, key_id, count, ignored, batch, endpoint, started, append_started)
+        return d.addBoth(self._appended, key_id, count, ignored, batch, endpoint, started, append_started, answer)
 
-    def _appended(self, results, key_id, count, ignored, batch, endpoint, started, append_started) -> bytes:
-        """The writer's answer to :meth:`_append`: the 202 body, or the 409/503 ApiError raised."""
+    def _appended(self, results, key_id, count, ignored, batch, endpoint, started, append_started, answer):
+        """The writer's answer to :meth:`_append`: the 202 body (or the results themselves, without
+        ``answer``), or the 409/503 ApiError raised."""
         self.metrics.append_latency.observe(self.seconds() - append_started)
         self.inflight_events -= count
         self.inflight_requests -= 1
@@ -418,6 +421,8 @@ class IngestApp:
         self._observe(endpoint, 202, started)
         if ignored:
             self.metrics.count_ignored(ignored)
+        if not answer:
+            return results
         # What json.dumps gives for these documents, formatted directly (a stream id is digits
         # and a dash); ignored_fields, which carry labels, still go through json.dumps.
         if not batch and not ignored:

@@ -34,7 +34,6 @@ What a delivery gets, in order:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
@@ -199,9 +198,8 @@ class WebhookReceiver:
 
     @staticmethod
     async def _append_once(app: Any, key_id: str, endpoint: str | None, prepared: list) -> dict[str, str]:
-        answer = await app._append(key_id, prepared, [], True, endpoint, app.seconds())
-        results = json.loads(answer)["results"]
-        return {p.event_id: "duplicate" if r["duplicate"] else "accepted" for p, r in zip(prepared, results)}
+        results = await app._append(key_id, prepared, [], True, endpoint, app.seconds(), answer=False)
+        return {p.event_id: "duplicate" if r.duplicate else "accepted" for p, r in zip(prepared, results)}
 
     def _count(self, processor: str, result: str) -> None:
         self.metrics.webhook_requests.labels(processor, result).inc()
