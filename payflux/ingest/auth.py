@@ -25,6 +25,31 @@ QUERY_CREDENTIALS = frozenset({
 })
 
 
+def refuse_query_credentials(query_args: dict | None) -> None:
+    """A 401 for a request carrying a key in its query string (:data:`QUERY_CREDENTIALS`)."""
+    if query_args and any(k.lower() in QUERY_CREDENTIALS for k in query_args):
+        raise unauthorized("credentials in the query string are refused; use the Authorization header")
+
+
+def bearer_token(authorization: bytes, kind: str) -> bytes:
+    """The token of ``Authorization: Bearer <token>``; a 401 naming ``kind`` for any other form."""
+    scheme, _, token = authorization.partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise unauthorized(f"Authorization must be 'Bearer <{kind}>'")
+    return token
+
+
+def matching_key(keys: Iterable[ApiKey], token: bytes) -> ApiKey | None:
+    """The key whose secret is ``token``, compared with every key in constant time (no early
+    exit, so the time taken does not tell which key, or how much of one, matched)."""
+    found: ApiKey | None = None
+    for key in keys:
+        if hmac.compare_digest(key.secret, token):
+            found = key
+    return found
+
+
 class Authenticator:
     def __init__(self, keys: Iterable[ApiKey], revoked: Iterable[str] = (), dev_mode: bool = False):
         self._keys = tuple(keys)
@@ -33,22 +58,14 @@ class Authenticator:
 
     def authenticate(self, authorization: bytes | None, query_args: dict | None = None) -> str:
         """Return the key id of the caller or raise a 401 :class:`ApiError`."""
-        if query_args and any(k.lower() in QUERY_CREDENTIALS for k in query_args):
-            raise unauthorized("credentials in the query string are refused; use the Authorization header")
+        refuse_query_credentials(query_args)
         if authorization is None or (self.dev_mode and not self._keys):
             # Insecure dev mode without keys takes any caller, with or without a key (a producer
             # written for the Go PayFlux always sends one), as key id "dev".
             if self.dev_mode:
                 return DEV_KEY_ID
             raise unauthorized("missing Authorization: Bearer <api key>")
-        scheme, _, token = authorization.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            raise unauthorized("Authorization must be 'Bearer <api key>'")
-        found: ApiKey | None = None
-        for key in self._keys:
-            if hmac.compare_digest(key.secret, token):
-                found = key
+        found = matching_key(self._keys, bearer_token(authorization, "api key"))
         if found is None:
             raise unauthorized("unknown API key")
         if found.key_id in self._revoked:
@@ -71,27 +88,17 @@ class AdminAuthenticator:
 
     def authenticate(self, authorization: bytes | None, query_args: dict | None = None) -> str:
         """The admin key id of the caller; a 401 (no, bad or unknown key) or 403 (a producer key) ApiError."""
-        if query_args and any(k.lower() in QUERY_CREDENTIALS for k in query_args):
-            raise unauthorized("credentials in the query string are refused; use the Authorization header")
+        refuse_query_credentials(query_args)
         if not self._admin:
             raise unauthorized("admin_keys is not configured on this node; the alerts API takes an admin key "
                                "(docs/risk.md, \"Alerts API\")")
         if authorization is None:
             raise unauthorized("missing Authorization: Bearer <admin key>")
-        scheme, _, token = authorization.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            raise unauthorized("Authorization must be 'Bearer <admin key>'")
-        admin: ApiKey | None = None
-        producer = False
-        for key in self._admin:
-            if hmac.compare_digest(key.secret, token):
-                admin = key
-        for key in self._producer:
-            if hmac.compare_digest(key.secret, token):
-                producer = True
+        token = bearer_token(authorization, "admin key")
+        admin = matching_key(self._admin, token)
+        producer = matching_key(self._producer, token)  # compared whatever the first found
         if admin is not None:
             return admin.key_id
-        if producer:
+        if producer is not None:
             raise ApiError(403, "forbidden", "this is a producer key; the alerts API takes an admin key")
         raise unauthorized("unknown admin key")
