@@ -26,7 +26,7 @@ import math
 from collections import OrderedDict, deque
 
 from payflux.risk.alerts import iso_ms
-from payflux.risk.config import FAILED_RESULTS, SUCCEEDED_RESULTS, HealthConfig, RetryInsightConfig
+from payflux.risk.config import FAILED_RESULTS, SUCCEEDED_RESULTS, HealthConfig, RetryInsightConfig, parse_options
 from payflux.risk.health_windows import Window, advance, entropy, roll
 from payflux.risk.windows import BUCKET_MS, KeyTable, wilson_lower
 
@@ -365,10 +365,7 @@ class HealthTracker:
             "retry": self.retry_rows(),
         }
         if self.retry is not None:
-            r = self.retry
-            out["retry_rule"] = {"min_samples": r.min_samples, "confidence_z": r.confidence_z,
-                                 "avoid_below": r.avoid_below, "wait_fraction": r.wait_fraction,
-                                 "window_seconds": r.window_seconds}
+            out["retry_rule"] = retry_rule(self.retry)
         return out
 
     def tables(self) -> list[tuple[str, str, KeyTable]]:
@@ -450,9 +447,14 @@ def processors_answer(snapshot: dict | None) -> dict:
     return {"as_of": snapshot.get("as_of"), "processors": snapshot.get("processors", [])}
 
 
-#: retry_advice's rule when the snapshot carries none (the retry_insight defaults).
-DEFAULT_RETRY_RULE = {"min_samples": 20, "confidence_z": 2.0, "avoid_below": 0.1, "wait_fraction": 0.5,
-                      "window_seconds": 60}
+def retry_rule(r: RetryInsightConfig) -> dict:
+    """The options :func:`retry_advice` applies, as the snapshot's ``retry_rule`` carries them."""
+    return {"min_samples": r.min_samples, "confidence_z": r.confidence_z, "avoid_below": r.avoid_below,
+            "wait_fraction": r.wait_fraction, "window_seconds": r.window_seconds}
+
+
+#: retry_advice's rule when the snapshot carries none: the retry_insight options' defaults.
+DEFAULT_RETRY_RULE = retry_rule(parse_options({}).engine.retry_insight)
 
 
 def wilson_upper(k: int, n: int, z: float) -> float:
