@@ -74,24 +74,29 @@ def _not_found(alert_id: str | None = None) -> ApiError:
                     if alert_id is not None else "no such resource")
 
 
-def parse_query(args: dict) -> tuple[AlertQuery, tuple[int, str] | None]:
-    """The listing's filters from ``request.args``; a 400 ApiError naming every bad field."""
+def query_values(args: dict, accepted: tuple[str, ...], endpoint: str) -> tuple[dict[str, str], list[dict]]:
+    """``request.args`` as one text value per ``accepted`` parameter, and a detail for each that is
+    unknown, repeated or not UTF-8 (the caller checks the values and raises the 400)."""
     details = []
     values: dict[str, str] = {}
     for raw, given in args.items():
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        if name not in QUERY_FIELDS:
+        if name not in accepted:
             details.append(_detail(name if len(name) <= 64 else name[:64], "unknown_field",
-                                   f"is not a parameter of GET /v1/alerts ({', '.join(QUERY_FIELDS)})"))
-            continue
-        if len(given) != 1:
+                                   f"is not a parameter of {endpoint} ({', '.join(accepted)})"))
+        elif len(given) != 1:
             details.append(_detail(name, "duplicate_field", "must be given once"))
-            continue
-        value = given[0]
-        try:
-            values[name] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        except UnicodeDecodeError:
-            details.append(_detail(name, "format", "must be UTF-8"))
+        else:
+            try:
+                values[name] = given[0].decode("utf-8") if isinstance(given[0], bytes) else str(given[0])
+            except UnicodeDecodeError:
+                details.append(_detail(name, "format", "must be UTF-8"))
+    return values, details
+
+
+def parse_query(args: dict) -> tuple[AlertQuery, tuple[int, str] | None]:
+    """The listing's filters from ``request.args``; a 400 ApiError naming every bad field."""
+    values, details = query_values(args, QUERY_FIELDS, "GET /v1/alerts")
     query: dict[str, Any] = {}
     if "state" in values:
         if values["state"] not in STATES:
@@ -135,20 +140,7 @@ def parse_query(args: dict) -> tuple[AlertQuery, tuple[int, str] | None]:
 
 def parse_advice_query(args: dict) -> tuple[str, str]:
     """``processor`` and ``failure_category`` of a retry-advice request; a 400 naming every bad field."""
-    details = []
-    values: dict[str, str] = {}
-    for raw, given in args.items():
-        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        if name not in ADVICE_FIELDS:
-            details.append(_detail(name if len(name) <= 64 else name[:64], "unknown_field",
-                                   f"is not a parameter of GET /v1/risk/retry-advice ({', '.join(ADVICE_FIELDS)})"))
-        elif len(given) != 1:
-            details.append(_detail(name, "duplicate_field", "must be given once"))
-        else:
-            try:
-                values[name] = given[0].decode("utf-8") if isinstance(given[0], bytes) else str(given[0])
-            except UnicodeDecodeError:
-                details.append(_detail(name, "format", "must be UTF-8"))
+    values, details = query_values(args, ADVICE_FIELDS, "GET /v1/risk/retry-advice")
     for name in ADVICE_FIELDS:
         if name in values:
             if not values[name] or len(values[name]) > MAX_FILTER:
