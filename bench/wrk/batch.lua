@@ -40,10 +40,4 @@ function request()
   return wrk.format("POST", path, headers, table.concat(pieces, "", 1, n))
 end
 
-function response(status, hdrs, body)
-  C.count_response(status, body, true)
-end
-
-function done(summary, latency, requests)
-  C.done(summary, latency, requests, size)
-end
+C.install_hooks(true, size)

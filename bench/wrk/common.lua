@@ -166,4 +166,15 @@ function M.done(summary, latency, requests, events_per_request)
   io.write("status codes: ", table.concat(line, " "), "  (non-2xx: ", non2xx, ")\n")
 end
 
+-- wrk's response and done hooks (globals wrk looks for): count each answer (batch answers when
+-- batch is true) and print the summary for events_per_request events a request.
+function M.install_hooks(batch, events_per_request)
+  function response(status, hdrs, body)
+    M.count_response(status, body, batch)
+  end
+  function done(summary, latency, requests)
+    M.done(summary, latency, requests, events_per_request)
+  end
+end
+
 return M

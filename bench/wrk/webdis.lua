@@ -30,10 +30,4 @@ function request()
                     "/type/payment_failed/data", headers, v[1] .. counter .. v[2])
 end
 
-function response(status, hdrs, body)
-  C.count_response(status, body, false)
-end
-
-function done(summary, latency, requests)
-  C.done(summary, latency, requests, 1)
-end
+C.install_hooks(false, 1)
